@@ -1,0 +1,64 @@
+"""Grouped-query attention over a paged KV cache.
+
+The cache of one layer is two tensors [num_blocks, block_size, kv_heads, head_dim]; a sequence's keys live
+in the blocks its block table lists, in order. The torch backend below runs on CPU and GPU through
+`scaled_dot_product_attention`; a fused kernel (FlashAttention, FlashInfer) plugs in by registering a
+function with the same signature in `ATTENTION_BACKENDS`.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from shards.batch import StepBatch
+
+
+def allocate_kv_cache(num_layers, num_blocks, block_size, kv_heads, head_dim, dtype, device) -> torch.Tensor:
+    """One tensor [layers, 2 (k, v), blocks, block_size, kv_heads, head_dim]; layer i uses cache[i]."""
+    return torch.zeros(num_layers, 2, num_blocks, block_size, kv_heads, head_dim, dtype=dtype, device=device)
+
+
+def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+    """Store this step's keys and values [T, kv_heads, head_dim] at their cache slots."""
+    kv_heads, head_dim = k.shape[1:]
+    cache[0].view(-1, kv_heads, head_dim)[slots] = k
+    cache[1].view(-1, kv_heads, head_dim)[slots] = v
+
+
+def _visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Causal (and sliding-window) visibility of key positions for query positions, broadcast."""
+    allowed = k_pos <= q_pos
+    if window is not None:
+        allowed &= q_pos - k_pos < window
+    return allowed
+
+
+def torch_paged_attention(q, cache, batch: StepBatch, scale: float, window: int | None) -> torch.Tensor:
+    """q [T, heads, head_dim] (already rotated, its K/V already written) -> [T, heads, head_dim]."""
+    out = torch.empty_like(q)
+    k_cache, v_cache = cache[0], cache[1]
+    for p in batch.prefills:
+        ctx = p.start + p.count
+        k = k_cache[p.block_table].flatten(0, 1)[:ctx].transpose(0, 1)[None]
+        v = v_cache[p.block_table].flatten(0, 1)[:ctx].transpose(0, 1)[None]
+        qs = q[p.first : p.first + p.count].transpose(0, 1)[None]
+        if p.start == 0 and window is None:
+            o = F.scaled_dot_product_attention(qs, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            q_pos = torch.arange(p.start, ctx, device=q.device)[:, None]
+            mask = _visible(q_pos, torch.arange(ctx, device=q.device)[None, :], window)
+            o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[p.first : p.first + p.count] = o[0].transpose(0, 1)
+    if batch.decode_rows.numel():
+        rows, lens, tables = batch.decode_rows, batch.decode_context_lens, batch.decode_block_tables
+        k = k_cache[tables].flatten(1, 2).transpose(1, 2)  # [D, kv_heads, L, head_dim]
+        v = v_cache[tables].flatten(1, 2).transpose(1, 2)
+        k_pos = torch.arange(k.shape[2], device=q.device)[None, :]
+        mask = _visible((lens - 1)[:, None], k_pos, window)  # the query sits at position len - 1
+        o = F.scaled_dot_product_attention(
+            q[rows][:, :, None], k, v, attn_mask=mask[:, None, None], scale=scale, enable_gqa=True
+        )
+        out[rows] = o[:, :, 0]
+    return out
+
+
+ATTENTION_BACKENDS = {"torch": torch_paged_attention}

@@ -1,0 +1,98 @@
+"""The step plan a rank receives, and the tensors one forward needs, built from it once per step.
+
+A step flattens every scheduled sequence's tokens into one batch: a prefill chunk contributes several
+tokens (possibly starting mid-prompt), a decode contributes one. All ranks build the same batch from the
+same plan, so nothing but hidden states and collectives crosses between them.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+
+from shards.sampling import SamplingParams
+
+
+@dataclass
+class SeqPlan:
+    """One sequence's part of a step. Plain values only: it is pickled to every rank each step."""
+
+    seq_id: int
+    token_ids: list[int]
+    start: int  # position of token_ids[0]
+    block_table: list[int]
+    rope_variant: int = 0
+    sampling: SamplingParams | None = None  # set when this step ends the sequence's known tokens
+    prompt_token_ids: list[int] = field(default_factory=list)  # for the repetition penalty only
+    output_token_ids: list[int] = field(default_factory=list)  # for penalties and the seeded RNG counter
+
+
+@dataclass
+class Prefill:
+    """A sequence contributing several tokens: token rows [first, first + count) at positions start..."""
+
+    first: int
+    count: int
+    start: int
+    block_table: torch.Tensor
+
+
+@dataclass
+class StepBatch:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    rope_variants: torch.Tensor  # [T]
+    slot_mapping: torch.Tensor  # [T] cache slot (block * block_size + offset) each token's K/V goes to
+    prefills: list[Prefill]
+    decode_rows: torch.Tensor  # [D] token rows of single-token sequences
+    decode_context_lens: torch.Tensor  # [D]
+    decode_block_tables: torch.Tensor  # [D, max blocks], padded with block 0 (masked by context length)
+    sample_rows: torch.Tensor  # [S] token rows whose logits are sampled
+    sampling_seqs: list[SeqPlan]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.numel()
+
+    @classmethod
+    def build(cls, seqs: list[SeqPlan], block_size: int, device) -> "StepBatch":
+        ids, positions, variants, slots = [], [], [], []
+        prefills, decode_rows, decode_lens, decode_tables, sample_rows = [], [], [], [], []
+        for seq in seqs:
+            first, count = len(ids), len(seq.token_ids)
+            end = seq.start + count
+            if end > len(seq.block_table) * block_size:
+                raise ValueError(
+                    f"sequence {seq.seq_id}: {end} positions need {-(-end // block_size)} blocks of "
+                    f"{block_size}, block table has {len(seq.block_table)}"
+                )
+            ids += seq.token_ids
+            positions += range(seq.start, end)
+            variants += [seq.rope_variant] * count
+            slots += [seq.block_table[p // block_size] * block_size + p % block_size for p in range(seq.start, end)]
+            if count == 1:
+                decode_rows.append(first)
+                decode_lens.append(end)
+                decode_tables.append(seq.block_table)
+            else:
+                table = torch.tensor(seq.block_table[: -(-end // block_size)], dtype=torch.long, device=device)
+                prefills.append(Prefill(first, count, seq.start, table))
+            if seq.sampling is not None:
+                sample_rows.append(first + count - 1)
+        width = max((len(t) for t in decode_tables), default=0)
+        decode_tables = [t + [0] * (width - len(t)) for t in decode_tables]
+
+        def tensor(values):
+            return torch.tensor(values, dtype=torch.long, device=device)
+
+        return cls(
+            input_ids=tensor(ids),
+            positions=tensor(positions),
+            rope_variants=tensor(variants),
+            slot_mapping=tensor(slots),
+            prefills=prefills,
+            decode_rows=tensor(decode_rows),
+            decode_context_lens=tensor(decode_lens),
+            decode_block_tables=tensor(decode_tables).view(len(decode_tables), width),
+            sample_rows=tensor(sample_rows),
+            sampling_seqs=[s for s in seqs if s.sampling is not None],
+        )

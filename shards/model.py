@@ -1,0 +1,141 @@
+"""Qwen2 as one pipeline stage of one tensor-parallel rank: the layers it owns, over a paged KV cache.
+
+The first stage embeds token ids, middle stages map hidden states to hidden states, the last stage applies
+the final norm and the (vocab-parallel) LM head. With one stage and one rank this is the whole model.
+"""
+
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shards.attention import ATTENTION_BACKENDS, write_kv
+from shards.batch import StepBatch
+from shards.config import Qwen2Config
+from shards.layers import (
+    RMSNorm,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    merged_column_parallel,
+    qkv_parallel,
+)
+from shards.parallel import ParallelGroups
+from shards.rope import RotaryEmbedding, apply_rotary
+
+
+def partition_layers(num_layers: int, pp_size: int) -> list[range]:
+    """Contiguous layer ranges per stage; the first `num_layers % pp_size` stages get one layer more."""
+    base, extra = divmod(num_layers, pp_size)
+    bounds = [0]
+    for stage in range(pp_size):
+        bounds.append(bounds[-1] + base + (stage < extra))
+    return [range(bounds[i], bounds[i + 1]) for i in range(pp_size)]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: Qwen2Config, window, groups: ParallelGroups, backend: str):
+        super().__init__()
+        tp, dt = groups.tp_size, config.dtype
+        self.heads = config.num_attention_heads // tp
+        self.kv_heads = max(1, config.num_key_value_heads // tp)
+        self.head_dim, self.window = config.head_dim, window
+        self.scale = config.head_dim**-0.5
+        self.attend = ATTENTION_BACKENDS[backend]
+        self.qkv_proj = qkv_parallel(
+            config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim, groups, dt
+        )
+        self.o_proj = RowParallelLinear(config.num_attention_heads * config.head_dim, config.hidden_size, groups, dt)
+
+    def forward(self, x, cos, sin, cache, batch: StepBatch):
+        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = apply_rotary(q.view(-1, self.heads, self.head_dim), cos, sin)
+        k = apply_rotary(k.view(-1, self.kv_heads, self.head_dim), cos, sin)
+        write_kv(cache, k, v.view(-1, self.kv_heads, self.head_dim), batch.slot_mapping)
+        out = self.attend(q, cache, batch, self.scale, self.window)
+        return self.o_proj(out.flatten(1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: Qwen2Config, groups: ParallelGroups):
+        super().__init__()
+        hidden, inter, dt = config.hidden_size, config.intermediate_size, config.dtype
+        self.gate_up_proj = merged_column_parallel(hidden, inter, 2, groups, dt)
+        self.down_proj = RowParallelLinear(inter, hidden, groups, dt)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: Qwen2Config, window, groups: ParallelGroups, backend: str):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
+        self.self_attn = Attention(config, window, groups, backend)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
+        self.mlp = MLP(config, groups)
+
+    def forward(self, x, cos, sin, cache, batch):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, batch)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen2Stage(nn.Module):
+    def __init__(self, config: Qwen2Config, groups: ParallelGroups, attention_backend: str = "torch"):
+        super().__init__()
+        self.config, self.groups = config, groups
+        self.layer_range = partition_layers(config.num_hidden_layers, groups.pp_size)[groups.pp_rank]
+        vocab, hidden, dt = config.vocab_size, config.hidden_size, config.dtype
+        if groups.is_first_stage:
+            self.embed_tokens = VocabParallelEmbedding(vocab, hidden, groups, dt)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, config.sliding_windows[i], groups, attention_backend) for i in self.layer_range
+        )
+        self.rotary = RotaryEmbedding(config)
+        if groups.is_last_stage:
+            self.norm = RMSNorm(hidden, config.rms_norm_eps, dt)
+            tied_here = config.tie_word_embeddings and groups.is_first_stage
+            self.lm_head = self.embed_tokens if tied_here else VocabParallelEmbedding(vocab, hidden, groups, dt)
+
+    def forward(self, batch: StepBatch, kv_cache: torch.Tensor, hidden: torch.Tensor | None = None):
+        """Hidden states [T, hidden] after this stage's layers (normed on the last stage)."""
+        x = self.embed_tokens(batch.input_ids) if self.groups.is_first_stage else hidden
+        cos, sin = self.rotary.lookup(batch.rope_variants, batch.positions, x.dtype)
+        for layer, cache in zip(self.layers, kv_cache):
+            x = layer(x, cos, sin, cache, batch)
+        return self.norm(x) if self.groups.is_last_stage else x
+
+    def logits(self, hidden: torch.Tensor, batch: StepBatch) -> torch.Tensor | None:
+        """Float32 logits [S, vocab] of the sampled rows on the driver rank; None on other ranks."""
+        logits = self.lm_head.logits(hidden[batch.sample_rows])
+        return None if logits is None else logits.float()
+
+    def checkpoint_targets(self) -> dict[str, list[tuple[nn.Parameter, object]]]:
+        """Checkpoint tensor name -> the (parameter, shard id) pairs it fills on this rank."""
+        targets: dict[str, list] = {}
+
+        def add(name, param, shard_id=None):
+            targets.setdefault(name, []).append((param, shard_id))
+
+        if self.groups.is_first_stage:
+            add("model.embed_tokens.weight", self.embed_tokens.weight)
+        if self.groups.is_last_stage:
+            add("model.norm.weight", self.norm.weight)
+            if not self.config.tie_word_embeddings:
+                add("lm_head.weight", self.lm_head.weight)
+            elif not self.groups.is_first_stage:
+                add("model.embed_tokens.weight", self.lm_head.weight)
+        fused = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+                 "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+        for i, layer in zip(self.layer_range, self.layers):
+            for local_name, param in layer.named_parameters():
+                block, proj, kind = re.match(r"(\w+)\.(?:(\w+)\.)?(\w+)$", local_name).groups()
+                if proj is None:  # a norm: "input_layernorm.weight"
+                    add(f"model.layers.{i}.{block}.{kind}", param)
+                    continue
+                checkpoint_projs = [(p, sid) for p, (ours, sid) in fused.items() if ours == proj] or [(proj, None)]
+                for checkpoint_proj, shard_id in checkpoint_projs:
+                    add(f"model.layers.{i}.{block}.{checkpoint_proj}.{kind}", param, shard_id)
+        return targets
