@@ -1,0 +1,235 @@
+"""Batched token sampling for the last pipeline stage.
+
+One call handles every sequence that samples this step, whatever mix of knobs it
+uses: all per-row parameters become [B] tensors, so the hot path is a fixed
+sequence of batched torch ops with no Python loop per sequence.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+_M32 = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0  # 0.0 means greedy (argmax; ties -> lowest id)
+    top_k: int = 0  # 0 = disabled
+    top_p: float = 1.0  # 1.0 = disabled
+    min_p: float = 0.0  # 0.0 = disabled
+    repetition_penalty: float = 1.0  # HF/CTRL style, over prompt + generated tokens
+    presence_penalty: float = 0.0  # OpenAI style, over generated tokens only
+    frequency_penalty: float = 0.0  # OpenAI style, over generated tokens only
+    seed: int | None = None
+    logprobs: int = 0  # how many top logprobs to return (0 = only the chosen token's)
+
+
+@dataclass
+class SampleOutput:
+    token_ids: torch.Tensor  # [B] int64
+    logprobs: torch.Tensor  # [B] float32, logprob of the chosen token
+    top_ids: torch.Tensor  # [B, N] int64, N = max logprobs requested in the batch
+    top_logprobs: torch.Tensor  # [B, N] float32
+
+    def to_lists(self, params: list[SamplingParams]) -> list[dict]:
+        """Plain Python per row, top-N trimmed to that row's own request (one device sync)."""
+        ids, lps = self.token_ids.tolist(), self.logprobs.tolist()
+        top_ids, top_lps = self.top_ids.tolist(), self.top_logprobs.tolist()
+        return [
+            {"token_id": ids[i], "logprob": lps[i], "top": list(zip(top_ids[i], top_lps[i]))[: p.logprobs]}
+            for i, p in enumerate(params)
+        ]
+
+
+def _token_counts(rows: list[list[int]], vocab_size: int, device) -> torch.Tensor:
+    """[B, V] float32 occurrence counts, built with one scatter instead of a loop per row."""
+    flat = torch.tensor([tok for row in rows for tok in row], dtype=torch.long, device=device)
+    row_idx = torch.repeat_interleave(
+        torch.arange(len(rows), device=device), torch.tensor([len(row) for row in rows], device=device)
+    )
+    counts = torch.zeros(len(rows), vocab_size, device=device)
+    return counts.index_put_((row_idx, flat), torch.ones(len(flat), device=device), accumulate=True)
+
+
+@dataclass
+class SamplingTensors:
+    """The batch's sampling parameters as [B] tensors, built once per step from Python lists.
+
+    Greedy rows get temperature 1 and no truncation, so their processed logits are
+    just the penalised ones (HF generate applies no warpers when do_sample=False).
+    """
+
+    temperature: torch.Tensor  # [B] float32, 1.0 on greedy rows
+    greedy: torch.Tensor  # [B] bool
+    top_k: torch.Tensor  # [B] int64 in 1..V (V when disabled)
+    top_p: torch.Tensor  # [B] float32
+    min_p: torch.Tensor  # [B] float32
+    repetition_penalty: torch.Tensor  # [B] float32
+    presence_penalty: torch.Tensor  # [B] float32
+    frequency_penalty: torch.Tensor  # [B] float32
+    seen: torch.Tensor | None  # [B, V] bool, token in prompt or output; None when no row uses it
+    output_counts: torch.Tensor | None  # [B, V] float32; None when no row uses it
+    keys: torch.Tensor  # [B] int64 in 0..2^32-1, per-row RNG key for this step
+    use_top_k_top_p: bool
+    use_min_p: bool
+    all_greedy: bool
+    num_top: int  # N in SampleOutput.top_ids
+
+    @classmethod
+    def build(
+        cls,
+        params: list[SamplingParams],
+        prompt_token_ids: list[list[int]],
+        output_token_ids: list[list[int]],
+        vocab_size: int,
+        device,
+    ) -> "SamplingTensors":
+        def tensor(values, dtype=torch.float32):
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        greedy = [p.temperature == 0.0 for p in params]
+        rep = [p.repetition_penalty != 1.0 for p in params]
+        pres_freq = [p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params]
+        seen = output_counts = None
+        if any(rep):  # rows without the penalty contribute no tokens: their counts stay zero
+            rows = [prompt + out if r else [] for r, prompt, out in zip(rep, prompt_token_ids, output_token_ids)]
+            seen = _token_counts(rows, vocab_size, device) > 0
+        if any(pres_freq):
+            rows = [out if pf else [] for pf, out in zip(pres_freq, output_token_ids)]
+            output_counts = _token_counts(rows, vocab_size, device)
+        top_k = [vocab_size if g or p.top_k <= 0 else min(p.top_k, vocab_size) for g, p in zip(greedy, params)]
+        top_p = [1.0 if g else p.top_p for g, p in zip(greedy, params)]
+        min_p = [0.0 if g else p.min_p for g, p in zip(greedy, params)]
+        return cls(
+            temperature=tensor([1.0 if g else p.temperature for g, p in zip(greedy, params)]),
+            greedy=tensor(greedy, torch.bool),
+            top_k=tensor(top_k, torch.long),
+            top_p=tensor(top_p),
+            min_p=tensor(min_p),
+            repetition_penalty=tensor([p.repetition_penalty for p in params]),
+            presence_penalty=tensor([p.presence_penalty for p in params]),
+            frequency_penalty=tensor([p.frequency_penalty for p in params]),
+            seen=seen,
+            output_counts=output_counts,
+            keys=_row_keys(params, [len(out) for out in output_token_ids], device),
+            use_top_k_top_p=any(k < vocab_size for k in top_k) or any(p < 1.0 for p in top_p),
+            use_min_p=any(p > 0.0 for p in min_p),
+            all_greedy=all(greedy),
+            num_top=min(max((p.logprobs for p in params), default=0), vocab_size),
+        )
+
+
+# Counter-based RNG: every uniform is a pure hash of (seed, step, token id), so a
+# seeded row draws the same noise whatever else is in the batch and wherever it sits.
+# Values stay in 0..2^32-1 inside int64, where every op below is exact (no overflow).
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """x * c mod 2^32; c is split in 16-bit halves so no int64 product can overflow."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _fmix32(h: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finaliser: a bijection on 0..2^32-1 with full avalanche."""
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _row_keys(params: list[SamplingParams], steps: list[int], device) -> torch.Tensor:
+    """Per-row key: hash(seed, step) for seeded rows, a fresh random draw for the others.
+
+    step = tokens generated so far, so a seeded sequence's k-th token is reproducible.
+    """
+    seeds = [(p.seed if p.seed is not None else 0) & (2**64 - 1) for p in params]
+    lo = torch.tensor([s & _M32 for s in seeds], device=device)
+    hi = torch.tensor([s >> 32 for s in seeds], device=device)
+    step = torch.tensor(steps, dtype=torch.long, device=device) & _M32
+    seeded_keys = _fmix32(lo ^ _fmix32(hi ^ _fmix32(step ^ 0x9E3779B9)))
+    fresh = torch.randint(0, 2**32, (len(params),), device=device)
+    has_seed = torch.tensor([p.seed is not None for p in params], device=device)
+    return torch.where(has_seed, seeded_keys, fresh)
+
+
+def _exponential_noise(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[B, V] Exp(1) noise; uniforms use 23 bits centred in their bin, so u is never 0 or 1."""
+    token_hash = _fmix32(torch.arange(vocab_size, device=keys.device) ^ 0x7F4A7C15)
+    bits = _fmix32(keys[:, None] ^ token_hash[None, :])
+    u = ((bits >> 9).float() + 0.5) * 2.0**-23
+    return -torch.log(u)
+
+
+def _apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """TopKLogitsWarper then TopPLogitsWarper, sharing one ascending sort.
+
+    Masking below the k-th largest value in sorted order leaves the same tensor HF's
+    top-p would get by sorting the top-k output, so the cumulative sums agree exactly.
+    """
+    sorted_logits, order = logits.sort(dim=-1)
+    kth_largest = sorted_logits.gather(1, (logits.shape[1] - top_k)[:, None])
+    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth_largest, float("-inf"))
+    cum_probs = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove = (cum_probs <= 1 - top_p[:, None]) & (top_p < 1)[:, None]
+    remove[:, -1] = False  # top-p always keeps the most likely token
+    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def _apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """MinPLogitsWarper: drop tokens whose probability is below min_p * the top probability."""
+    probs = logits.softmax(dim=-1)
+    return logits.masked_fill(probs < min_p[:, None] * probs.amax(dim=-1, keepdim=True), float("-inf"))
+
+
+def process_logits(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    """Final float32 logits the token is drawn from, in transformers' generate order:
+    repetition penalty, presence/frequency penalties, temperature, top-k, top-p, min-p.
+    Truncated tokens are -inf. The input is not modified."""
+    logits = logits.float()
+    if t.seen is not None:
+        rp = t.repetition_penalty[:, None]
+        logits = torch.where(t.seen, torch.where(logits < 0, logits * rp, logits / rp), logits)
+    if t.output_counts is not None:
+        counts = t.output_counts
+        logits = logits - t.frequency_penalty[:, None] * counts - t.presence_penalty[:, None] * (counts > 0)
+    logits = logits / t.temperature[:, None]
+    if t.use_top_k_top_p:
+        logits = _apply_top_k_top_p(logits, t.top_k, t.top_p)
+    if t.use_min_p:
+        logits = _apply_min_p(logits, t.min_p)
+    return logits
+
+
+def sample(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    prompt_token_ids: list[list[int]],
+    output_token_ids: list[list[int]],
+) -> SampleOutput:
+    """Pick one token per row of logits [B, V] (float32, or bf16/fp16, computed in float32).
+
+    Greedy rows (temperature 0) take the argmax of the penalised logits. Other rows use
+    the exponential race: argmax(p / E) with E ~ Exp(1) is an exact draw from p, and E
+    comes from the counter-based hash above, so seeded rows are batch-independent.
+
+    Returned logprobs (chosen token and top-N) are log_softmax of the RAW logits, before
+    penalties, temperature and truncation (vLLM's default "raw_logprobs"): they describe
+    the model, not the sampling knobs.
+    """
+    t = SamplingTensors.build(params, prompt_token_ids, output_token_ids, logits.shape[1], logits.device)
+    processed = process_logits(logits, t)
+    token_ids = processed.argmax(dim=-1)
+    if not t.all_greedy:
+        sampled = (processed.softmax(dim=-1) / _exponential_noise(t.keys, logits.shape[1])).argmax(dim=-1)
+        token_ids = torch.where(t.greedy, token_ids, sampled)
+    raw_logprobs = logits.float().log_softmax(dim=-1)
+    top_logprobs, top_ids = raw_logprobs.topk(t.num_top, dim=-1)
+    return SampleOutput(
+        token_ids=token_ids,
+        logprobs=raw_logprobs.gather(1, token_ids[:, None]).squeeze(1),
+        top_ids=top_ids,
+        top_logprobs=top_logprobs,
+    )

@@ -1,0 +1,29 @@
+import pytest
+
+from shards.checkpoint import preset_config, write_random_checkpoint
+
+# Small Qwen2 shapes that still exercise what a split can get wrong.
+MODELS = {
+    # 2 KV heads: TP 4 replicates them. Vocab 1003 is divisible by neither 2 nor 4. 3 layers split unevenly.
+    "gqa-untied": dict(vocab_size=1003, tie_word_embeddings=False, num_hidden_layers=3, max_position_embeddings=256),
+    # Tied embeddings, YaRN past a 16-token original window, and a sliding window on the last layer.
+    "tied-yarn-sliding": dict(
+        vocab_size=1001, tie_word_embeddings=True, num_hidden_layers=3, max_position_embeddings=64,
+        rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+        use_sliding_window=True, sliding_window=6, max_window_layers=2,
+    ),
+}
+
+
+def model_config(name: str) -> dict:
+    config = preset_config("tiny")
+    config.update(MODELS[name])
+    return config
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    """name -> directory of a random-weight checkpoint (written once per session)."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {name: write_random_checkpoint(root / name, model_config(name), seed=7, max_shard_bytes=300_000)
+            for name in MODELS}

@@ -1,0 +1,80 @@
+"""Our sharded model against transformers' Qwen2ForCausalLM on the same checkpoint, at several TP x PP splits."""
+
+import json
+
+import pytest
+import torch
+from transformers import Qwen2Config as HFConfig
+from transformers import Qwen2ForCausalLM
+
+from shards.rope import ORIGINAL, SCALED
+from tests import ranks
+from tests.multiproc import run_ranks
+
+LAYOUTS = [(1, 1), (2, 1), (4, 1), (1, 2), (2, 2)]  # (tp, pp): at most 4 processes on this machine
+TOLERANCE = 1e-4  # float32
+
+
+def reference(model_dir, scaled: bool = True) -> Qwen2ForCausalLM:
+    config = HFConfig.from_pretrained(model_dir)
+    if not scaled:
+        config.rope_parameters = {"rope_type": "default", "rope_theta": config.rope_parameters["rope_theta"]}
+    return Qwen2ForCausalLM.from_pretrained(model_dir, config=config, dtype=torch.float32).eval()
+
+
+def random_tokens(vocab: int, lengths, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("tp,pp", LAYOUTS)
+@pytest.mark.parametrize("name", ["gqa-untied", "tied-yarn-sliding"])
+def test_prefill_and_decode_logits_match_transformers(checkpoints, name, tp, pp):
+    model_dir = checkpoints[name]
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    prompts = random_tokens(vocab, [11, 5, 20], seed=1)
+    continuations = random_tokens(vocab, [17, 17, 17], seed=2)
+    yarn = name == "tied-yarn-sliding"
+    # With YaRN in the config, sequence 1 runs with the original RoPE in the same batch as YaRN sequences.
+    variants = [SCALED, ORIGINAL, SCALED] if yarn else [ORIGINAL] * 3
+    results = run_ranks(ranks.teacher_forced_logits, tp * pp, str(model_dir), tp, pp, prompts, continuations,
+                        variants)
+    ours = results[(pp - 1) * tp]
+    refs = {True: reference(model_dir, scaled=True), False: reference(model_dir, scaled=False)}
+    worst = 0.0
+    for i, (prompt, cont) in enumerate(zip(prompts, continuations)):
+        model = refs[variants[i] == SCALED or not yarn]
+        with torch.no_grad():
+            expected = model(torch.tensor([prompt + cont])).logits[0, len(prompt) - 1 :]
+        assert ours[i].shape == expected.shape  # prefill row + one row per decode step (17 >= 16)
+        worst = max(worst, (ours[i] - expected).abs().max().item())
+    print(f"{name} tp={tp} pp={pp}: max |ours - transformers| = {worst:.3g}")
+    assert worst <= TOLERANCE
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 2)])
+def test_greedy_generation_matches_transformers_generate(checkpoints, tp, pp):
+    model_dir = checkpoints["gqa-untied"]
+    prompts = random_tokens(1003, [9, 4, 15], seed=3)
+    ours = run_ranks(ranks.greedy_generate, tp * pp, str(model_dir), tp, pp, prompts, 32)[(pp - 1) * tp]
+    model = reference(model_dir)
+    for prompt, generated in zip(prompts, ours):
+        expected = model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
+                                  eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+        assert generated == expected
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (2, 2), (4, 1)])
+def test_two_all_reduces_per_layer_and_nothing_else(checkpoints, tp, pp):
+    model_dir = checkpoints["gqa-untied"]
+    prompts = random_tokens(1003, [6, 3], seed=4)
+    hidden = json.loads((model_dir / "config.json").read_text())["hidden_size"]
+    for rank, r in enumerate(run_ranks(ranks.count_collectives, tp * pp, str(model_dir), tp, pp, prompts)):
+        expected = {"all_reduce": 2 * r["layers"] + r["first"]}  # + the vocab-parallel embedding's
+        if r["last"]:
+            expected["gather"] = 1  # vocab-parallel logits to TP rank 0
+        if pp > 1:
+            expected["recv" if r["last"] else "send"] = 1
+        assert r["calls"] == expected, f"rank {rank}"
+        # Each all-reduce carries exactly the step's hidden states: 9 tokens x hidden x float32.
+        assert r["stats"]["all_reduce.bytes"] == expected["all_reduce"] * 9 * hidden * 4

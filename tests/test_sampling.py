@@ -1,0 +1,275 @@
+import math
+
+import pytest
+import torch
+from transformers.generation.logits_process import (
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from shards.sampling import SamplingParams, SamplingTensors, process_logits, sample
+
+V = 64
+
+
+def _process(logits, params, prompts, outputs):
+    t = SamplingTensors.build(params, prompts, outputs, logits.shape[1], logits.device)
+    return process_logits(logits, t)
+
+
+def _hf_process(row_logits, p, prompt, output):
+    """One row through transformers' own processors, in generate's order, enabled ones only."""
+    scores = row_logits[None].float().clone()
+    ids = torch.tensor([prompt + output], dtype=torch.long)
+    if p.repetition_penalty != 1.0:
+        scores = RepetitionPenaltyLogitsProcessor(p.repetition_penalty)(ids, scores)
+    if p.temperature == 0.0:  # greedy: HF applies no warpers
+        return scores[0]
+    if p.temperature != 1.0:
+        scores = TemperatureLogitsWarper(p.temperature)(ids, scores)
+    if p.top_k > 0:
+        scores = TopKLogitsWarper(p.top_k)(ids, scores)
+    if p.top_p < 1.0:
+        scores = TopPLogitsWarper(p.top_p)(ids, scores)
+    if p.min_p > 0.0:
+        scores = MinPLogitsWarper(p.min_p)(ids, scores)
+    return scores[0]
+
+
+def test_process_logits_matches_transformers_per_row():
+    torch.manual_seed(0)
+    params = [
+        SamplingParams(),
+        SamplingParams(temperature=0.7, top_k=5),
+        SamplingParams(top_p=0.8),
+        SamplingParams(temperature=1.3, min_p=0.1),
+        SamplingParams(repetition_penalty=1.3),
+        SamplingParams(repetition_penalty=0.8, temperature=0.9, top_k=20, top_p=0.9, min_p=0.05),
+        SamplingParams(top_k=1000),  # larger than V
+        SamplingParams(top_k=1),
+        SamplingParams(top_p=1e-6),  # keeps only the top token
+        SamplingParams(temperature=0.0, repetition_penalty=1.5, top_k=3, top_p=0.5),
+        SamplingParams(temperature=2.0, top_k=10, min_p=0.2, seed=3),
+    ]
+    B = len(params)
+    logits = torch.randn(B, V) * 3
+    prompts = [[int(x) for x in torch.randint(0, V, (i % 4 * 3,))] for i in range(B)]
+    outputs = [[int(x) for x in torch.randint(0, V, (i % 3 * 2,))] for i in range(B)]
+    ours = _process(logits, params, prompts, outputs)
+    for i, p in enumerate(params):
+        expected = _hf_process(logits[i], p, prompts[i], outputs[i])
+        torch.testing.assert_close(ours[i], expected, atol=1e-6, rtol=0, msg=f"row {i}: {p}")
+    assert torch.isfinite(ours[7]).sum() == 1 and torch.isfinite(ours[8]).sum() == 1
+    assert torch.isfinite(ours[6]).all()
+
+
+def test_process_logits_accepts_half_precision_without_mutating_input():
+    logits = torch.randn(3, V).to(torch.bfloat16)
+    before = logits.clone()
+    params = [SamplingParams(repetition_penalty=1.2, top_k=4), SamplingParams(top_p=0.5), SamplingParams()]
+    out = _process(logits, params, [[1, 2], [], []], [[3], [], []])
+    assert out.dtype == torch.float32
+    assert torch.equal(logits, before)
+    expected = _hf_process(logits[0].float(), params[0], [1, 2], [3])
+    torch.testing.assert_close(out[0], expected, atol=1e-6, rtol=0)
+
+
+def test_presence_and_frequency_penalties_by_hand():
+    logits = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0]])
+    params = [SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)]
+    # prompt tokens never count for presence/frequency; output has token 1 x3, token 3 x1
+    out = _process(logits, params, [[0, 0, 4]], [[1, 3, 1, 1]])
+    expected = torch.tensor([[1.0, 2.0 - 0.5 - 0.75, 3.0, 4.0 - 0.5 - 0.25, 5.0]])
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+
+
+def test_repetition_then_presence_frequency_then_temperature():
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
+    p = SamplingParams(repetition_penalty=2.0, presence_penalty=1.0, frequency_penalty=0.5, temperature=0.5)
+    out = _process(logits, [p], [[0]], [[1, 2, 2]])
+    # rep: tok0 2/2=1, tok1 -2*2=-4, tok2 1/2=0.5; then -presence-freq*count; then /0.5
+    expected = torch.tensor([[1.0, -4.0 - 1.0 - 0.5, 0.5 - 1.0 - 1.0, 0.5]]) / 0.5
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+
+
+def test_empty_penalty_lists_leave_logits_unchanged():
+    logits = torch.randn(2, V)
+    params = [SamplingParams(repetition_penalty=1.5, presence_penalty=1.0, frequency_penalty=1.0), SamplingParams()]
+    torch.testing.assert_close(_process(logits, params, [[], []], [[], []]), logits, atol=0, rtol=0)
+
+
+def test_greedy_is_argmax_of_penalised_logits_in_mixed_batch():
+    torch.manual_seed(1)
+    B = 16
+    logits = torch.randn(B, V)
+    prompts = [[int(logits[i].argmax())] for i in range(B)]  # penalise the raw argmax
+    params = [
+        SamplingParams(temperature=0.0, repetition_penalty=3.0) if i % 2 == 0 else SamplingParams(temperature=1.0)
+        for i in range(B)
+    ]
+    out = sample(logits, params, prompts, [[] for _ in range(B)])
+    for i in range(0, B, 2):
+        penalised = RepetitionPenaltyLogitsProcessor(3.0)(torch.tensor([prompts[i]]), logits[i : i + 1].clone())
+        assert out.token_ids[i] == penalised.argmax()
+        assert out.token_ids[i] != logits[i].argmax()
+
+
+def test_greedy_ties_pick_lowest_id():
+    logits = torch.tensor([[0.0, 5.0, 1.0, 5.0, 5.0]])
+    out = sample(logits, [SamplingParams(temperature=0.0, top_k=2, top_p=0.1)], [[]], [[]])
+    assert out.token_ids.tolist() == [1]
+
+
+def test_top_k_1_equals_greedy():
+    torch.manual_seed(2)
+    B = 200
+    logits = torch.randn(B, V)
+    params = [SamplingParams(top_k=1, temperature=1.5, seed=i if i % 2 else None) for i in range(B)]
+    sampled = sample(logits, params, [[] for _ in range(B)], [[] for _ in range(B)])
+    greedy = sample(logits, [SamplingParams(temperature=0.0)] * B, [[] for _ in range(B)], [[] for _ in range(B)])
+    assert torch.equal(sampled.token_ids, greedy.token_ids)
+    assert torch.equal(sampled.token_ids, logits.argmax(dim=-1))
+
+
+def test_b_equals_1():
+    logits = torch.randn(1, V)
+    out = sample(logits, [SamplingParams(seed=7, logprobs=2)], [[1, 2]], [[3]])
+    assert out.token_ids.shape == (1,) and out.top_ids.shape == (1, 2)
+    assert 0 <= int(out.token_ids[0]) < V
+
+
+def test_seeded_rows_ignore_batch_composition_and_position():
+    torch.manual_seed(3)
+    vocab = 1000
+    row = torch.randn(vocab)
+    target = SamplingParams(seed=1234, top_p=0.95)
+    history = [5, 6, 7]
+    alone = sample(row[None], [target], [[1]], [history]).token_ids[0]
+    for position in (0, 3, 7):
+        params = [SamplingParams(seed=i, temperature=0.7) if i % 2 else SamplingParams() for i in range(8)]
+        params[position] = target
+        logits = torch.randn(8, vocab)
+        logits[position] = row
+        outputs = [[int(x) for x in torch.randint(0, vocab, (i,))] for i in range(8)]
+        outputs[position] = history
+        prompts = [[0]] * 8
+        prompts[position] = [1]
+        assert sample(logits, params, prompts, outputs).token_ids[position] == alone
+
+
+def test_seed_and_step_change_the_draw():
+    n = 300
+    logits = torch.zeros(n, 1000)  # uniform: the draw is pure noise
+    empty = [[] for _ in range(n)]
+    by_seed = sample(logits, [SamplingParams(seed=s) for s in range(n)], empty, empty).token_ids
+    assert len(set(by_seed.tolist())) > 200  # ~259 distinct expected for 300 uniform draws from 1000
+    same_seed = [SamplingParams(seed=42)] * n
+    by_step = sample(logits, same_seed, empty, [[0] * k for k in range(n)]).token_ids
+    assert len(set(by_step.tolist())) > 200
+    again = sample(logits, same_seed, empty, [[0] * k for k in range(n)]).token_ids
+    assert torch.equal(by_step, again)
+    # seeds differing only in the high 32 bits still differ
+    high = sample(logits, [SamplingParams(seed=s << 32) for s in range(1, n + 1)], empty, empty).token_ids
+    assert len(set(high.tolist())) > 200
+
+
+def test_unseeded_rows_are_fresh_each_call_but_follow_global_rng():
+    n = 300
+    logits = torch.zeros(n, 1000)  # uniform: the draw is pure noise
+    empty = [[] for _ in range(n)]
+    params = [SamplingParams()] * n
+    torch.manual_seed(5)
+    a = sample(logits, params, empty, empty).token_ids
+    b = sample(logits, params, empty, empty).token_ids
+    torch.manual_seed(5)
+    c = sample(logits, params, empty, empty).token_ids
+    assert (a != b).float().mean() > 0.9
+    assert torch.equal(a, c)
+    assert len(set(a.tolist())) > 200
+
+
+def _empirical(tokens, vocab):
+    return torch.bincount(tokens, minlength=vocab).float() / len(tokens)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(),
+        SamplingParams(temperature=0.6),
+        SamplingParams(temperature=1.4, top_k=5),
+        SamplingParams(top_p=0.8),
+        SamplingParams(min_p=0.15, temperature=1.2),
+        SamplingParams(top_k=6, top_p=0.9, min_p=0.05, repetition_penalty=1.3, frequency_penalty=0.3),
+    ],
+    ids=["plain", "temp", "topk", "topp", "minp", "all"],
+)
+def test_empirical_frequencies_match_processed_distribution(params):
+    torch.manual_seed(6)
+    vocab, n = 8, 20000
+    base = torch.log(torch.tensor([0.30, 0.22, 0.15, 0.12, 0.09, 0.06, 0.04, 0.02]))
+    logits = base.expand(n, vocab)
+    # half seeded (each its own seed, various steps), half unseeded
+    rows = [
+        SamplingParams(**{**params.__dict__, "seed": (i * 7919 if i % 2 else None)}) for i in range(n)
+    ]
+    prompts = [[0, 3]] * n
+    outputs = [[2, 2]] * n
+    tokens = sample(logits, rows, prompts, outputs).token_ids
+    expected = _process(base[None], [params], [[0, 3]], [[2, 2]]).softmax(dim=-1)[0]
+    tv = 0.5 * (_empirical(tokens, vocab) - expected).abs().sum()
+    assert tv < 0.02, (tv, _empirical(tokens, vocab), expected)
+    truncated = expected == 0
+    assert not torch.isin(tokens, truncated.nonzero().flatten()).any()
+    if params.top_p < 1 or params.min_p > 0 or params.top_k:
+        assert truncated.any()  # the case really truncates something
+
+
+def test_seeded_steps_sample_the_right_distribution():
+    """Consecutive steps of seeded sequences (step = output length) are distributed correctly."""
+    vocab, n, steps = 8, 20000, 200
+    probs = torch.tensor([0.30, 0.22, 0.15, 0.12, 0.09, 0.06, 0.04, 0.02])
+    logits = probs.log().expand(n, vocab)
+    histories = [[0] * k for k in range(steps)]
+    params = [SamplingParams(seed=i // steps) for i in range(n)]
+    tokens = sample(logits, params, [[]] * n, [histories[i % steps] for i in range(n)]).token_ids
+    assert 0.5 * (_empirical(tokens, vocab) - probs).abs().sum() < 0.02
+
+
+def test_logprobs_are_raw_and_top_n_matches_topk():
+    torch.manual_seed(7)
+    B = 5
+    logits = torch.randn(B, V) * 2
+    params = [
+        SamplingParams(logprobs=0, temperature=0.5, top_k=3),
+        SamplingParams(logprobs=5, repetition_penalty=2.0),
+        SamplingParams(logprobs=2, temperature=0.0),
+        SamplingParams(logprobs=1, top_p=0.3, seed=1),
+        SamplingParams(logprobs=3, min_p=0.5),
+    ]
+    prompts = [[1, 2, 3]] * B
+    outputs = [[4, 5]] * B
+    out = sample(logits, params, prompts, outputs)
+    raw = torch.log_softmax(logits, dim=-1)
+    torch.testing.assert_close(out.logprobs, raw.gather(1, out.token_ids[:, None]).squeeze(1))
+    values, ids = torch.topk(raw, 5, dim=-1)
+    assert out.top_ids.shape == (B, 5) and out.top_ids.dtype == torch.int64
+    assert torch.equal(out.top_ids, ids)
+    torch.testing.assert_close(out.top_logprobs, values)
+    assert out.token_ids.dtype == torch.int64 and out.logprobs.dtype == torch.float32
+
+    rows = out.to_lists(params)
+    assert [len(r["top"]) for r in rows] == [0, 5, 2, 1, 3]
+    for i, r in enumerate(rows):
+        assert r["token_id"] == int(out.token_ids[i])
+        assert math.isclose(r["logprob"], float(raw[i, r["token_id"]]), abs_tol=1e-6)
+        assert [tok for tok, _ in r["top"]] == ids[i, : params[i].logprobs].tolist()
+
+
+def test_no_logprobs_requested_gives_empty_top():
+    out = sample(torch.randn(3, V), [SamplingParams()] * 3, [[]] * 3, [[]] * 3)
+    assert out.top_ids.shape == (3, 0) and out.top_logprobs.shape == (3, 0)
+    assert all(r["top"] == [] for r in out.to_lists([SamplingParams()] * 3))
