@@ -100,10 +100,6 @@ class Qwen2Config:
             raise ValueError(
                 f"num_key_value_heads={kv} neither divisible by nor a divisor of tensor_parallel_size={tp_size}"
             )
-        if self.intermediate_size % tp_size:
-            raise ValueError(
-                f"intermediate_size={self.intermediate_size} is not divisible by tensor_parallel_size={tp_size}"
-            )
         if pp_size > self.num_hidden_layers:
             raise ValueError(
                 f"pipeline_parallel_size={pp_size} exceeds num_hidden_layers={self.num_hidden_layers}"

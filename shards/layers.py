@@ -80,10 +80,20 @@ class ColumnParallelLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
+def split(total: int, groups: ParallelGroups) -> tuple[int, int]:
+    """(first, size) of this rank's part of `total`, the first `total % tp_size` ranks taking one more.
+
+    Uneven parts let Qwen2-0.5B (intermediate 4,864) run at TP 7 and 14, where an even split cannot.
+    """
+    base, extra = divmod(total, groups.tp_size)
+    rank = groups.tp_rank
+    return rank * base + min(rank, extra), base + (rank < extra)
+
+
 def merged_column_parallel(in_features: int, out_features: int, num: int, groups: ParallelGroups, dtype):
-    """`num` same-sized projections (gate and up) fused, each split evenly over TP ranks."""
-    local = out_features // groups.tp_size
-    shards = [(i, out_features, local, groups.tp_rank * local) for i in range(num)]
+    """`num` same-sized projections (gate and up) fused, each split over TP ranks."""
+    first, local = split(out_features, groups)
+    shards = [(i, out_features, local, first) for i in range(num)]
     return ColumnParallelLinear(in_features, shards, bias=False, dtype=dtype)
 
 
@@ -108,12 +118,13 @@ class RowParallelLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, groups: ParallelGroups, dtype=torch.float32):
         super().__init__()
         self.groups = groups
-        self.in_features, self.local = in_features, in_features // groups.tp_size
+        self.in_features = in_features
+        self.first, self.local = split(in_features, groups)
         self.weight = _parameter((out_features, self.local), self._load, dtype)
 
     def _load(self, param, source, shard_id=None):
         expected = (param.shape[0], self.in_features)
-        return copy_into(param.data, read_slice(source, expected, 1, self.groups.tp_rank * self.local, self.local))
+        return copy_into(param.data, read_slice(source, expected, 1, self.first, self.local))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return all_reduce(F.linear(x, self.weight), self.groups)

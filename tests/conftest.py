@@ -4,8 +4,10 @@ from shards.checkpoint import preset_config, write_random_checkpoint
 
 # Small Qwen2 shapes that still exercise what a split can get wrong.
 MODELS = {
-    # 2 KV heads: TP 4 replicates them. Vocab 1003 is divisible by neither 2 nor 4. 3 layers split unevenly.
-    "gqa-untied": dict(vocab_size=1003, tie_word_embeddings=False, num_hidden_layers=3, max_position_embeddings=256),
+    # 2 KV heads: TP 4 replicates them. Vocab 1003 is divisible by neither 2 nor 4, nor is the MLP's 130
+    # (split unevenly, as Qwen2-0.5B's 4,864 must be at TP 7). 3 layers split unevenly over 2 stages.
+    "gqa-untied": dict(vocab_size=1003, tie_word_embeddings=False, num_hidden_layers=3, intermediate_size=130,
+                       max_position_embeddings=256),
     # Tied embeddings, YaRN past a 16-token original window, and a sliding window on the last layer.
     "tied-yarn-sliding": dict(
         vocab_size=1001, tie_word_embeddings=True, num_hidden_layers=3, max_position_embeddings=64,
