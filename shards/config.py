@@ -95,11 +95,8 @@ class Qwen2Config:
             raise ValueError(
                 f"num_attention_heads={self.num_attention_heads} is not divisible by tensor_parallel_size={tp_size}"
             )
-        kv = self.num_key_value_heads
-        if kv % tp_size and tp_size % kv:
-            raise ValueError(
-                f"num_key_value_heads={kv} neither divisible by nor a divisor of tensor_parallel_size={tp_size}"
-            )
+        # Any KV head count works (layers.local_kv_heads replicates KV heads as the split needs), and the
+        # MLP may split unevenly; the attention heads are the one thing that must divide.
         if pp_size > self.num_hidden_layers:
             raise ValueError(
                 f"pipeline_parallel_size={pp_size} exceeds num_hidden_layers={self.num_hidden_layers}"
@@ -132,11 +129,12 @@ def _read_rope(cfg: dict) -> tuple[float, RopeScaling | None]:
 
 
 def _read_sliding_windows(cfg: dict, layers: int) -> tuple[int | None, ...]:
-    """Per-layer window, as transformers derives it: `layer_types` if given, else layers >= max_window_layers."""
-    window = cfg.get("sliding_window") if cfg.get("use_sliding_window", False) else None
+    """Per-layer window, as transformers derives it: `layer_types` if given, else layers >= max_window_layers
+    (with transformers' Qwen2 defaults: sliding_window 4096, max_window_layers 28)."""
+    window = cfg.get("sliding_window", 4096) if cfg.get("use_sliding_window", False) else None
     layer_types = cfg.get("layer_types")
     if layer_types is None:
-        first = cfg.get("max_window_layers", layers)
+        first = cfg.get("max_window_layers", 28)
         layer_types = ["sliding_attention" if window and i >= first else "full_attention" for i in range(layers)]
     if len(layer_types) != layers:
         raise ValueError(f"layer_types has {len(layer_types)} entries but num_hidden_layers={layers}")

@@ -57,24 +57,28 @@ class RMSNorm(nn.Module):
 class ColumnParallelLinear(nn.Module):
     """Output features split over TP ranks; the output stays split (no collective).
 
-    `shards` lists the checkpoint tensors fused into this one, as (shard id, full rows, rows on this
-    rank, first row read on this rank), laid out one after another in the local weight.
+    `shards` lists the checkpoint tensors fused into this one, as (shard id, full rows, row ranges
+    (first, count) read on this rank), laid out one after another in the local weight.
     """
 
     def __init__(self, in_features: int, shards: list, bias: bool, dtype=torch.float32):
         super().__init__()
         self.in_features = in_features
         self.shards, offset = {}, 0
-        for shard_id, full, local, first in shards:
-            self.shards[shard_id] = (full, local, first, offset)
-            offset += local
+        for shard_id, full, ranges in shards:
+            self.shards[shard_id] = (full, ranges, offset)
+            offset += sum(count for _, count in ranges)
         self.weight = _parameter((offset, in_features), self._load, dtype)
         self.bias = _parameter((offset,), self._load, dtype) if bias else None
 
     def _load(self, param, source, shard_id=None):
-        full, local, first, offset = self.shards[shard_id]
+        full, ranges, offset = self.shards[shard_id]
         expected = (full, self.in_features) if param.dim() == 2 else (full,)
-        return copy_into(param.data[offset : offset + local], read_slice(source, expected, 0, first, local))
+        read = 0
+        for first, count in ranges:
+            read += copy_into(param.data[offset : offset + count], read_slice(source, expected, 0, first, count))
+            offset += count
+        return read
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -93,22 +97,31 @@ def split(total: int, groups: ParallelGroups) -> tuple[int, int]:
 def merged_column_parallel(in_features: int, out_features: int, num: int, groups: ParallelGroups, dtype):
     """`num` same-sized projections (gate and up) fused, each split over TP ranks."""
     first, local = split(out_features, groups)
-    shards = [(i, out_features, local, first) for i in range(num)]
-    return ColumnParallelLinear(in_features, shards, bias=False, dtype=dtype)
+    return ColumnParallelLinear(in_features, [(i, out_features, [(first, local)]) for i in range(num)], False, dtype)
 
 
-def qkv_parallel(hidden: int, heads: int, kv_heads: int, head_dim: int, groups: ParallelGroups, dtype):
-    """Fused q/k/v with bias. KV heads are split when tp_size divides them and replicated when tp_size
-    exceeds them (each rank then holds the one KV head its query heads attend to)."""
-    tp, rank = groups.tp_size, groups.tp_rank
-    q_local = heads // tp
-    kv_local = max(1, kv_heads // tp)
-    kv_first = rank * kv_local if kv_heads >= tp else rank // (tp // kv_heads)
-    shards = [
-        ("q", heads * head_dim, q_local * head_dim, rank * q_local * head_dim),
-        ("k", kv_heads * head_dim, kv_local * head_dim, kv_first * head_dim),
-        ("v", kv_heads * head_dim, kv_local * head_dim, kv_first * head_dim),
-    ]
+def local_kv_heads(heads: int, kv_heads: int, groups: ParallelGroups) -> list[int]:
+    """The KV heads this rank holds, in order. Query head h attends KV head h // (heads // kv_heads).
+
+    When this rank's query heads use their KV heads equally (tp_size divides kv_heads, or is a multiple
+    of it: each KV head then replicated on tp_size // kv_heads ranks) it keeps each once. Otherwise
+    (Qwen2-0.5B's 2 KV heads at TP 7: a rank's 2 query heads may straddle two KV heads) it keeps one
+    copy per query head, so attention on every rank stays a uniform grouped-query attention.
+    """
+    per_kv, q_local = heads // kv_heads, heads // groups.tp_size
+    needed = [(groups.tp_rank * q_local + i) // per_kv for i in range(q_local)]
+    distinct = sorted(set(needed))
+    uniform = all(needed.count(k) * len(distinct) == q_local for k in distinct)
+    return distinct if uniform else needed
+
+
+def qkv_parallel(hidden: int, heads: int, kv_heads: list[int], total_kv: int, head_dim: int,
+                 groups: ParallelGroups, dtype):
+    """Fused q/k/v with bias: this rank's query heads, and the KV heads `kv_heads` they attend."""
+    q_local = heads // groups.tp_size
+    q_rows = [(groups.tp_rank * q_local * head_dim, q_local * head_dim)]
+    kv_rows = [(k * head_dim, head_dim) for k in kv_heads]
+    shards = [("q", heads * head_dim, q_rows), ("k", total_kv * head_dim, kv_rows), ("v", total_kv * head_dim, kv_rows)]
     return ColumnParallelLinear(hidden, shards, bias=True, dtype=dtype)
 
 

@@ -4,8 +4,6 @@ The first stage embeds token ids, middle stages map hidden states to hidden stat
 the final norm and the (vocab-parallel) LM head. With one stage and one rank this is the whole model.
 """
 
-import re
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,11 +15,19 @@ from shards.layers import (
     RMSNorm,
     RowParallelLinear,
     VocabParallelEmbedding,
+    local_kv_heads,
     merged_column_parallel,
     qkv_parallel,
 )
 from shards.parallel import ParallelGroups
 from shards.rope import RotaryEmbedding, apply_rotary
+
+
+# Our fused parameters and the checkpoint tensors (with shard ids) they are made of.
+FUSED = {
+    "self_attn.qkv_proj": [("self_attn.q_proj", "q"), ("self_attn.k_proj", "k"), ("self_attn.v_proj", "v")],
+    "mlp.gate_up_proj": [("mlp.gate_proj", 0), ("mlp.up_proj", 1)],
+}
 
 
 def partition_layers(num_layers: int, pp_size: int) -> list[range]:
@@ -37,14 +43,13 @@ class Attention(nn.Module):
     def __init__(self, config: Qwen2Config, window, groups: ParallelGroups, backend: str):
         super().__init__()
         tp, dt = groups.tp_size, config.dtype
-        self.heads = config.num_attention_heads // tp
-        self.kv_heads = max(1, config.num_key_value_heads // tp)
+        heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+        local_kv = local_kv_heads(heads, kv_heads, groups)
+        self.heads, self.kv_heads = heads // tp, len(local_kv)
         self.head_dim, self.window = config.head_dim, window
         self.scale = config.head_dim**-0.5
         self.attend = ATTENTION_BACKENDS[backend]
-        self.qkv_proj = qkv_parallel(
-            config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim, groups, dt
-        )
+        self.qkv_proj = qkv_parallel(config.hidden_size, heads, local_kv, kv_heads, config.head_dim, groups, dt)
         self.o_proj = RowParallelLinear(config.num_attention_heads * config.head_dim, config.hidden_size, groups, dt)
 
     def forward(self, x, cos, sin, cache, batch: StepBatch):
@@ -127,15 +132,9 @@ class Qwen2Stage(nn.Module):
                 add("lm_head.weight", self.lm_head.weight)
             elif not self.groups.is_first_stage:
                 add("model.embed_tokens.weight", self.lm_head.weight)
-        fused = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
-                 "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
         for i, layer in zip(self.layer_range, self.layers):
             for local_name, param in layer.named_parameters():
-                block, proj, kind = re.match(r"(\w+)\.(?:(\w+)\.)?(\w+)$", local_name).groups()
-                if proj is None:  # a norm: "input_layernorm.weight"
-                    add(f"model.layers.{i}.{block}.{kind}", param)
-                    continue
-                checkpoint_projs = [(p, sid) for p, (ours, sid) in fused.items() if ours == proj] or [(proj, None)]
-                for checkpoint_proj, shard_id in checkpoint_projs:
-                    add(f"model.layers.{i}.{block}.{checkpoint_proj}.{kind}", param, shard_id)
+                module, kind = local_name.rsplit(".", 1)
+                for checkpoint_module, shard_id in FUSED.get(module, [(module, None)]):
+                    add(f"model.layers.{i}.{checkpoint_module}.{kind}", param, shard_id)
         return targets

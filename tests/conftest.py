@@ -14,6 +14,10 @@ MODELS = {
         rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
         use_sliding_window=True, sliding_window=6, max_window_layers=2,
     ),
+    # 12 query heads over 3 KV heads: at TP 2 and 4 a rank's query heads straddle KV heads unevenly
+    # (as Qwen2-0.5B's at TP 7, Qwen2-7B's at TP 7), so each rank keeps one KV head per query head.
+    "straddling-kv": dict(vocab_size=1000, hidden_size=96, num_attention_heads=12, num_key_value_heads=3,
+                          num_hidden_layers=2, max_position_embeddings=256),
 }
 
 

@@ -27,8 +27,8 @@ def random_tokens(vocab: int, lengths, seed: int) -> list[list[int]]:
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
-@pytest.mark.parametrize("tp,pp", LAYOUTS)
-@pytest.mark.parametrize("name", ["gqa-untied", "tied-yarn-sliding"])
+@pytest.mark.parametrize("name,tp,pp", [(name, tp, pp) for name in ("gqa-untied", "tied-yarn-sliding")
+                                        for tp, pp in LAYOUTS] + [("straddling-kv", 2, 1), ("straddling-kv", 4, 1)])
 def test_prefill_and_decode_logits_match_transformers(checkpoints, name, tp, pp):
     model_dir = checkpoints[name]
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
