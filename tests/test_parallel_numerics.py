@@ -78,3 +78,26 @@ def test_two_all_reduces_per_layer_and_nothing_else(checkpoints, tp, pp):
         assert r["calls"] == expected, f"rank {rank}"
         # Each all-reduce carries exactly the step's hidden states: 9 tokens x hidden x float32.
         assert r["stats"]["all_reduce.bytes"] == expected["all_reduce"] * 9 * hidden * 4
+
+
+def test_bfloat16_error_is_that_of_transformers_in_bfloat16(checkpoints):
+    """The GPU dtype, on CPU: our bf16 logits are as close to the float32 reference as transformers' bf16 are."""
+    from shards.batch import SeqPlan
+    from shards.parallel import ParallelGroups
+    from shards.sampling import SamplingParams
+    from shards.worker import ShardWorker
+
+    model_dir = checkpoints["gqa-untied"]
+    prompts = random_tokens(1003, [12, 7], seed=5)
+    worker = ShardWorker(model_dir, ParallelGroups(), num_kv_blocks=16, block_size=4, dtype="bfloat16")
+    assert worker.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+    plans = [SeqPlan(i, p, 0, ranks.block_tables(2, 8)[i], sampling=SamplingParams()) for i, p in enumerate(prompts)]
+    ours, _ = worker.forward(plans)
+    fp32 = reference(model_dir)
+    bf16 = Qwen2ForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        exact = torch.stack([fp32(torch.tensor([p])).logits[0, -1] for p in prompts])
+        theirs = torch.stack([bf16(torch.tensor([p])).logits[0, -1].float() for p in prompts])
+    our_error, their_error = (ours - exact).abs().max().item(), (theirs - exact).abs().max().item()
+    print(f"bf16 max error vs float32: ours {our_error:.3g}, transformers {their_error:.3g}")
+    assert our_error <= 2 * their_error
