@@ -22,7 +22,7 @@ class ShardWorker:
         self,
         model_dir,
         groups: ParallelGroups,
-        num_kv_blocks: int,
+        num_kv_blocks: int | None = None,
         block_size: int = 16,
         device="cpu",
         dtype: str | None = None,
@@ -38,9 +38,23 @@ class ShardWorker:
         with self.device:
             self.model = Qwen2Stage(config, groups, attention_backend)
         self.bytes_loaded = load_weights(self.model.checkpoint_targets(), model_dir, progress)
+        self.kv_cache = None
+        if num_kv_blocks is not None:
+            self.allocate_kv_cache(num_kv_blocks)
+
+    @property
+    def kv_block_bytes(self) -> int:
+        """Bytes one KV block takes on this rank: its layers x (k, v) x block_size x its KV heads x head_dim."""
         attn = self.model.layers[0].self_attn
+        element = torch.empty((), dtype=self.config.dtype).element_size()
+        return len(self.model.layers) * 2 * self.block_size * attn.kv_heads * attn.head_dim * element
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        attn = self.model.layers[0].self_attn
+        self.kv_cache = None  # free the old cache first
         self.kv_cache = allocate_kv_cache(
-            len(self.model.layers), num_kv_blocks, block_size, attn.kv_heads, attn.head_dim, config.dtype, self.device
+            len(self.model.layers), num_blocks, self.block_size, attn.kv_heads, attn.head_dim,
+            self.config.dtype, self.device,
         )
 
     @torch.inference_mode()

@@ -1,0 +1,53 @@
+"""The Ray actor that holds one rank: a `ShardWorker` plus what it needs to join the world."""
+
+import os
+import socket
+
+import ray
+import torch
+
+from shards.parallel import init_distributed, init_groups
+from shards.worker import ShardWorker
+
+
+class ShardActor:
+    """One tensor-parallel rank of one pipeline stage (global rank = stage * tp + tp_rank)."""
+
+    def __init__(self, rank: int, tp: int, pp: int, device: str, threads: int):
+        self.rank, self.tp, self.pp = rank, tp, pp
+        self.device = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")  # Ray sets the GPU
+        torch.set_num_threads(max(1, threads))
+        self.worker = None
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def rendezvous_address(self, host: str | None) -> str:
+        """tcp://HOST:PORT on this (rank 0's) node, a port free there; `host` defaults to the node's IP."""
+        host = host or ray.util.get_node_ip_address()
+        with socket.socket() as s:
+            s.bind((host, 0))
+            return f"tcp://{host}:{s.getsockname()[1]}"
+
+    def load(self, init_method: str, model_dir: str, dtype: str | None, block_size: int, dist_timeout_s: float):
+        """Join the torch.distributed world, build the TP groups, load this rank's weights.
+
+        Returns the KV block size in bytes, and the device's free and total bytes on a GPU."""
+        init_distributed(self.rank, self.tp * self.pp, init_method, self.device, dist_timeout_s)
+        groups = init_groups(self.tp, self.pp)
+        self.worker = ShardWorker(model_dir, groups, block_size=block_size, device=self.device, dtype=dtype)
+        free, total = torch.cuda.mem_get_info(self.device) if self.device.type == "cuda" else (None, None)
+        return {"kv_block_bytes": self.worker.kv_block_bytes, "free_bytes": free, "total_bytes": total,
+                "weight_bytes": self.worker.bytes_loaded, "pid": os.getpid()}
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        self.worker.allocate_kv_cache(num_blocks)
+
+    def execute(self, seqs):
+        return self.worker.execute(seqs)
+
+    def shutdown(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()

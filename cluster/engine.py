@@ -1,0 +1,187 @@
+"""The engine: the router's one interface to the model, however many ranks and nodes it spans.
+
+`start()` places one Ray actor per rank, joins them into a torch.distributed world, loads the checkpoint
+and sizes the KV cache; `step(plan)` runs one step on every rank and returns what the driver rank (TP
+rank 0 of the last stage) sampled. Every rank receives the plan straight from here through a Ray Compiled
+Graph (shared-memory channels, no task submission per step); plain remote calls are the fallback.
+Several steps may be in flight at once: with pipeline parallelism that is what keeps the stages busy.
+"""
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import ray
+from ray.dag import InputNode, MultiOutputNode
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from cluster.actor import ShardActor
+from cluster.placement import place_stages, release
+from shards.batch import SeqPlan
+from shards.config import Qwen2Config
+
+log = logging.getLogger(__name__)
+
+# Environment the ranks need to find each other; passed on to every actor when set here.
+PASSED_ENV = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "NCCL_DEBUG", "NCCL_IB_DISABLE", "NCCL_P2P_DISABLE")
+
+
+class EngineError(RuntimeError):
+    """A step could not complete: a rank died, timed out or raised. The engine must be restarted."""
+
+
+@dataclass
+class EngineConfig:
+    model_dir: str
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    device: str = "cpu"  # "cpu" (gloo, one CPU bundle per rank) or "cuda" (nccl, one GPU per rank)
+    dtype: str | None = None  # default: the checkpoint's
+    block_size: int = 16
+    kv_cache_bytes: int = 256 * 2**20  # per rank, on CPU
+    gpu_memory_utilization: float = 0.9  # on GPU: the share of device memory weights + KV cache may use
+    max_num_blocks: int | None = None  # cap on the KV blocks, whatever the budget allows
+    ray_address: str | None = None  # join this cluster; None starts a local one (or reuses ray.init's)
+    rendezvous_host: str | None = None  # torch.distributed rendezvous host; None: rank 0's node address
+    cpus_per_rank: float = 1.0
+    placement_timeout_s: float = 60.0
+    step_timeout_s: float = 120.0
+    compiled_graph: bool = True
+    max_inflight_steps: int | None = None  # default: max(2, pipeline_parallel_size)
+
+
+class Engine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.model = Qwen2Config.from_pretrained(config.model_dir)
+        self.model.check_layout(config.tensor_parallel_size, config.pipeline_parallel_size)
+        self.actors, self.placement, self.dag = [], [], None
+        self.num_kv_blocks = 0
+        self.healthy = False
+        self.started_ray = False
+        self.startup_s = None
+        self._submit = asyncio.Lock()
+
+    # -- model facts the router needs --------------------------------------------------------------
+    @property
+    def block_size(self) -> int:
+        return self.config.block_size
+
+    @property
+    def max_model_len(self) -> int:
+        return self.model.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.vocab_size
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return self.model.eos_token_ids
+
+    @property
+    def driver(self) -> int:
+        """Index of the rank whose result is the step's: TP rank 0 of the last stage."""
+        return (self.config.pipeline_parallel_size - 1) * self.config.tensor_parallel_size
+
+    # -- life cycle -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Place, start and load every rank, size the KV cache, compile the step graph."""
+        c, began = self.config, time.perf_counter()
+        tp, pp = c.tensor_parallel_size, c.pipeline_parallel_size
+        if not ray.is_initialized():
+            ray.init(address=c.ray_address, include_dashboard=False, log_to_driver=False)
+            self.started_ray = True
+        try:
+            self.placement = await place_stages(tp, pp, c.device, c.cpus_per_rank, c.placement_timeout_s)
+            env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
+            remote = ray.remote(ShardActor)
+            for rank in range(tp * pp):
+                strategy = PlacementGroupSchedulingStrategy(
+                    placement_group=self.placement[rank // tp], placement_group_bundle_index=rank % tp
+                )
+                self.actors.append(remote.options(
+                    num_cpus=c.cpus_per_rank, num_gpus=1 if c.device == "cuda" else 0,
+                    scheduling_strategy=strategy, runtime_env={"env_vars": env} if env else None,
+                ).remote(rank, tp, pp, c.device, int(c.cpus_per_rank)))
+            init_method = await self.actors[0].rendezvous_address.remote(c.rendezvous_host)
+            loaded = await asyncio.gather(*(
+                a.load.remote(init_method, c.model_dir, c.dtype, c.block_size, c.step_timeout_s) for a in self.actors
+            ))
+            self.num_kv_blocks = min(self._blocks_for(info) for info in loaded)
+            if self.num_kv_blocks < 1:
+                raise EngineError(f"no room for a KV block of {loaded[0]['kv_block_bytes']} bytes: raise the KV budget")
+            await asyncio.gather(*(a.allocate_kv_cache.remote(self.num_kv_blocks) for a in self.actors))
+            if c.compiled_graph:
+                with InputNode() as plan:
+                    graph = MultiOutputNode([a.execute.bind(plan) for a in self.actors])
+                self.dag = graph.experimental_compile(
+                    enable_asyncio=True, _max_inflight_executions=c.max_inflight_steps or max(2, pp)
+                )
+        except BaseException:
+            await self.shutdown()
+            raise
+        self.healthy = True
+        self.startup_s = time.perf_counter() - began
+        log.info("engine up in %.1fs: tp=%d pp=%d, %d KV blocks of %d tokens", self.startup_s, tp, pp,
+                 self.num_kv_blocks, c.block_size)
+
+    def _blocks_for(self, info: dict) -> int:
+        c = self.config
+        if info["free_bytes"] is None:
+            budget = c.kv_cache_bytes
+        else:  # weights are loaded: what is left of the allowed share of the device goes to the cache
+            used = info["total_bytes"] - info["free_bytes"]
+            budget = int(info["total_bytes"] * c.gpu_memory_utilization) - used
+        blocks = budget // info["kv_block_bytes"]
+        return min(blocks, c.max_num_blocks) if c.max_num_blocks else blocks
+
+    async def shutdown(self) -> None:
+        """Stop every rank and free its placement; safe to call twice and after a failure."""
+        self.healthy = False
+        if self.dag is not None:
+            try:
+                self.dag.teardown()
+            except Exception as e:  # a dead rank makes teardown complain; the actors are killed below anyway
+                log.warning("compiled graph teardown: %s", e)
+            self.dag = None
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+        release(self.placement)
+        self.placement = []
+        if self.started_ray:
+            ray.shutdown()
+            self.started_ray = False
+
+    async def restart(self) -> None:
+        await self.shutdown()
+        await self.start()
+
+    # -- the step ---------------------------------------------------------------------------------
+    async def step(self, seqs: list[SeqPlan]) -> list[dict]:
+        """Run one step on every rank; returns one dict per sampling sequence (see ShardWorker.execute).
+
+        Calls may overlap: steps run on every rank in the order they were submitted."""
+        if not self.healthy:
+            raise EngineError("engine is not running (failed or shut down): restart it")
+        try:
+            async with self._submit:
+                if self.dag is not None:
+                    pending = await self.dag.execute_async(seqs)
+                else:
+                    pending = [a.execute.remote(seqs) for a in self.actors]
+            results = await asyncio.wait_for(self._gather(pending), self.config.step_timeout_s)
+        except asyncio.TimeoutError:
+            self.healthy = False
+            raise EngineError(f"step did not complete within step_timeout_s={self.config.step_timeout_s:g}") from None
+        except Exception as e:
+            self.healthy = False
+            raise EngineError(f"step failed: {type(e).__name__}: {e}") from e
+        return results[self.driver]
+
+    @staticmethod
+    async def _gather(pending) -> list:
+        return [await p for p in pending]
