@@ -140,12 +140,18 @@ class Engine:
 
     async def shutdown(self) -> None:
         """Stop every rank and free its placement; safe to call twice and after a failure."""
-        self.healthy = False
+        failed, self.healthy = not self.healthy, False
         if self.dag is not None:
+            # After a failure a dead rank makes Ray log the teardown's tracebacks; the error was already raised.
+            dag_log = logging.getLogger("ray.dag.compiled_dag_node")
+            level = dag_log.level
+            dag_log.setLevel(logging.CRITICAL if failed else level)
             try:
                 self.dag.teardown()
-            except Exception as e:  # a dead rank makes teardown complain; the actors are killed below anyway
+            except Exception as e:  # the actors are killed below anyway
                 log.warning("compiled graph teardown: %s", e)
+            finally:
+                dag_log.setLevel(level)
             self.dag = None
         for actor in self.actors:
             ray.kill(actor)

@@ -1,6 +1,10 @@
 import pytest
+import torch
+from transformers import Qwen2ForCausalLM
 
 from shards.checkpoint import preset_config, write_random_checkpoint
+from tests.engine_scenarios import NEW_TOKENS as GREEDY_NEW_TOKENS
+from tests.engine_scenarios import PROMPTS as GREEDY_PROMPTS
 
 # Small Qwen2 shapes that still exercise what a split can get wrong.
 MODELS = {
@@ -33,3 +37,18 @@ def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("checkpoints")
     return {name: write_random_checkpoint(root / name, model_config(name), seed=7, max_shard_bytes=300_000)
             for name in MODELS}
+
+
+@pytest.fixture(scope="session")
+def expected_greedy(checkpoints):
+    """transformers' greedy tokens and the logprobs of its logits at each generated position."""
+    model_dir = checkpoints["gqa-untied"]
+    model = Qwen2ForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = []
+    for prompt in GREEDY_PROMPTS:
+        ids = model.generate(torch.tensor([prompt]), max_new_tokens=GREEDY_NEW_TOKENS, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+        with torch.no_grad():
+            logprobs = model(ids).logits[0, len(prompt) - 1 : -1].log_softmax(-1)
+        out.append((ids[0, len(prompt):].tolist(), logprobs))
+    return out
