@@ -2,6 +2,7 @@
 
 import os
 import socket
+import time
 
 import ray
 import torch
@@ -44,7 +45,10 @@ class ShardActor:
         self.worker.allocate_kv_cache(num_blocks)
 
     def execute(self, seqs):
-        return self.worker.execute(seqs)
+        """This rank's step: (sampled results on the driver rank else None, seconds spent in it)."""
+        began = time.perf_counter()
+        results = self.worker.execute(seqs)
+        return results, time.perf_counter() - began
 
     def shutdown(self) -> None:
         import torch.distributed as dist

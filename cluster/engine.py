@@ -62,6 +62,7 @@ class Engine:
         self.healthy = False
         self.started_ray = False
         self.startup_s = None
+        self.last_rank_seconds: list[float] = []  # time each rank spent inside the last completed step
         self._submit = asyncio.Lock()
 
     # -- model facts the router needs --------------------------------------------------------------
@@ -92,7 +93,11 @@ class Engine:
         c, began = self.config, time.perf_counter()
         tp, pp = c.tensor_parallel_size, c.pipeline_parallel_size
         if not ray.is_initialized():
-            ray.init(address=c.ray_address, include_dashboard=False, log_to_driver=False)
+            # A local CPU cluster we start ourselves gets room for every rank: asking for TP x PP ranks on
+            # one box is asking to share its cores.
+            local_cpu = c.ray_address is None and c.device == "cpu"
+            cpus = max(os.cpu_count() or 1, tp * pp * c.cpus_per_rank) if local_cpu else None
+            ray.init(address=c.ray_address, num_cpus=cpus, include_dashboard=False, log_to_driver=False)
             self.started_ray = True
         try:
             self.placement = await place_stages(tp, pp, c.device, c.cpus_per_rank, c.placement_timeout_s)
@@ -186,7 +191,8 @@ class Engine:
         except Exception as e:
             self.healthy = False
             raise EngineError(f"step failed: {type(e).__name__}: {e}") from e
-        return results[self.driver]
+        self.last_rank_seconds = [seconds for _, seconds in results]
+        return results[self.driver][0]
 
     @staticmethod
     async def _gather(pending) -> list:

@@ -1,6 +1,7 @@
 """`qwen2-cluster`: the command line. Subcommands are added as the layers below them land."""
 
 import argparse
+import asyncio
 import json
 import os
 import sys
@@ -35,34 +36,82 @@ def init_random(args) -> None:
     print(f"\nwrote {out}", file=sys.stderr)
 
 
-def generate(args) -> None:
-    """Generate from one prompt in this process (TP = PP = 1), straight on the shard runtime."""
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """The cluster flags (`serve` takes the same ones)."""
+    parser.add_argument("--model", help="checkpoint directory (default: the built-in tiny demo checkpoint)")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--pipeline-parallel-size", type=int, default=1)
+    parser.add_argument("--ray-address", help="join this Ray cluster (default: start a local one)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    parser.add_argument("--kv-cache-memory-gib", type=float, default=0.25, help="KV cache per rank on CPU")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                        help="share of each GPU that weights + KV cache may use")
+    parser.add_argument("--cpus-per-rank", type=float, default=1.0, help="CPUs each rank reserves (and its threads)")
+    parser.add_argument("--rendezvous-host", help="torch.distributed rendezvous host (default: rank 0's node)")
+    parser.add_argument("--placement-timeout", type=float, default=60.0, help="seconds to wait for the ranks' resources")
+    parser.add_argument("--step-timeout", type=float, default=120.0, help="seconds before a step counts as failed")
+
+
+def engine_config(args):
+    from cluster.engine import EngineConfig
+
+    return EngineConfig(
+        model_dir=str(Path(args.model) if args.model else demo_checkpoint()),
+        tensor_parallel_size=args.tensor_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size,
+        device=args.device,
+        dtype=args.dtype,
+        block_size=args.block_size,
+        kv_cache_bytes=int(args.kv_cache_memory_gib * 2**30),
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        ray_address=args.ray_address,
+        rendezvous_host=args.rendezvous_host,
+        cpus_per_rank=args.cpus_per_rank,
+        placement_timeout_s=args.placement_timeout,
+        step_timeout_s=args.step_timeout,
+    )
+
+
+async def _generate(args) -> None:
     from tokenizers import Tokenizer
 
+    from cluster.engine import Engine
     from shards.batch import SeqPlan
-    from shards.parallel import ParallelGroups
     from shards.sampling import SamplingParams
-    from shards.worker import ShardWorker
 
-    model_dir = Path(args.model) if args.model else demo_checkpoint()
-    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    config = engine_config(args)
+    tokenizer = Tokenizer.from_file(str(Path(config.model_dir) / "tokenizer.json"))
     prompt = tokenizer.encode(args.prompt).ids
-    block_size = 16
-    blocks = -(-(len(prompt) + args.max_new_tokens) // block_size)
-    worker = ShardWorker(model_dir, ParallelGroups(), num_kv_blocks=blocks, block_size=block_size, dtype=args.dtype)
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    table, output, start = list(range(blocks)), [], time.perf_counter()
-    plan = SeqPlan(0, prompt, 0, table, sampling=params)
-    for _ in range(args.max_new_tokens):
-        token = worker.execute([plan])[0]["token_id"]
-        output.append(token)
-        if token in worker.config.eos_token_ids and not args.ignore_eos:
-            break
-        plan = SeqPlan(0, [token], len(prompt) + len(output) - 1, table, sampling=params,
-                       output_token_ids=list(output))
-    elapsed = time.perf_counter() - start
+    engine = Engine(config)
+    await engine.start()
+    try:
+        blocks = -(-(len(prompt) + args.max_new_tokens) // engine.block_size)
+        if blocks > engine.num_kv_blocks:
+            raise ValueError(f"prompt + max_new_tokens need {blocks} KV blocks; the cache has {engine.num_kv_blocks}")
+        params = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+        table, output, began = list(range(blocks)), [], time.perf_counter()
+        plan = SeqPlan(0, prompt, 0, table, sampling=params)
+        for _ in range(args.max_new_tokens):
+            token = (await engine.step([plan]))[0]["token_id"]
+            output.append(token)
+            if token in engine.eos_token_ids and not args.ignore_eos:
+                break
+            plan = SeqPlan(0, [token], len(prompt) + len(output) - 1, table, sampling=params,
+                           output_token_ids=list(output))
+        elapsed = time.perf_counter() - began
+    finally:
+        await engine.shutdown()
     print(tokenizer.decode(output))
-    print(f"[{model_dir}: {len(prompt)} prompt tokens, {len(output)} generated in {elapsed:.2f}s]", file=sys.stderr)
+    print(f"[{config.model_dir}: tp={config.tensor_parallel_size} pp={config.pipeline_parallel_size}, engine up in "
+          f"{engine.startup_s:.1f}s; {len(prompt)} prompt tokens, {len(output)} generated in {elapsed:.2f}s]",
+          file=sys.stderr)
+
+
+def generate(args) -> None:
+    """Generate from one prompt through the Ray engine (no gRPC server)."""
+    asyncio.run(_generate(args))
 
 
 def main(argv=None) -> None:
@@ -79,21 +128,20 @@ def main(argv=None) -> None:
     p.add_argument("--max-shard-gib", type=float, default=2.0)
     p.set_defaults(run=init_random)
 
-    p = sub.add_parser("generate", help="generate from a prompt in this process (no cluster)")
-    p.add_argument("--model", help="checkpoint directory (default: the built-in tiny demo checkpoint)")
+    p = sub.add_parser("generate", help="generate from a prompt through the Ray engine (no gRPC server)")
+    add_engine_args(p)
     p.add_argument("--prompt", default="Hello world")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int)
     p.add_argument("--ignore-eos", action="store_true")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     p.set_defaults(run=generate)
 
     args = parser.parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ModuleNotFoundError, RuntimeError) as e:
         sys.exit(f"qwen2-cluster {args.command}: error: {e}")
 
 

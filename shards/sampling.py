@@ -73,6 +73,7 @@ class SamplingTensors:
     keys: torch.Tensor  # [B] int64 in 0..2^32-1, per-row RNG key for this step
     use_top_k_top_p: bool
     use_min_p: bool
+    use_temperature: bool  # some row's temperature is neither 0 (greedy) nor 1
     all_greedy: bool
     num_top: int  # N in SampleOutput.top_ids
 
@@ -115,6 +116,7 @@ class SamplingTensors:
             keys=_row_keys(params, [len(out) for out in output_token_ids], device),
             use_top_k_top_p=any(k < vocab_size for k in top_k) or any(p < 1.0 for p in top_p),
             use_min_p=any(p > 0.0 for p in min_p),
+            use_temperature=any(p.temperature not in (0.0, 1.0) for p in params),
             all_greedy=all(greedy),
             num_top=min(max((p.logprobs for p in params), default=0), vocab_size),
         )
@@ -195,7 +197,8 @@ def process_logits(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     if t.output_counts is not None:
         counts = t.output_counts
         logits = logits - t.frequency_penalty[:, None] * counts - t.presence_penalty[:, None] * (counts > 0)
-    logits = logits / t.temperature[:, None]
+    if t.use_temperature:
+        logits = logits / t.temperature[:, None]
     if t.use_top_k_top_p:
         logits = _apply_top_k_top_p(logits, t.top_k, t.top_p)
     if t.use_min_p:
@@ -221,7 +224,7 @@ def sample(
     """
     t = SamplingTensors.build(params, prompt_token_ids, output_token_ids, logits.shape[1], logits.device)
     processed = process_logits(logits, t)
-    token_ids = processed.argmax(dim=-1)
+    token_ids = processed.max(dim=-1).indices  # first maximum, like argmax, and faster on CPU
     if not t.all_greedy:
         sampled = (processed.softmax(dim=-1) / _exponential_noise(t.keys, logits.shape[1])).argmax(dim=-1)
         token_ids = torch.where(t.greedy, token_ids, sampled)

@@ -32,9 +32,11 @@ def test_unknown_preset_is_a_clean_error(tmp_path):
     assert "unknown preset 'qwen2-9000b'" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_generate_on_the_builtin_demo_checkpoint(tmp_path):
+def test_generate_through_the_engine_on_the_builtin_demo_checkpoint(tmp_path):
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path))
-    out = run("generate", "--prompt", "Hello world", "--max-new-tokens", "5", "--ignore-eos", env=env)
+    out = run("generate", "--prompt", "Hello world", "--max-new-tokens", "5", "--ignore-eos",
+              "--tensor-parallel-size", "2", "--rendezvous-host", "127.0.0.1", env=env)
     assert out.returncode == 0, out.stderr
+    assert "tp=2 pp=1" in out.stderr
     assert "2 prompt tokens, 5 generated" in out.stderr  # "Hello world" is [9707, 1879] in Qwen's tokenizer
     assert (tmp_path / "qwen2-cluster" / "demo-tiny" / "config.json").is_file()
