@@ -114,6 +114,43 @@ def generate(args) -> None:
     asyncio.run(_generate(args))
 
 
+async def _serve(args) -> None:
+    import signal
+
+    from cluster.engine import Engine
+    from router.runner import Runner
+    from router.server import Server, ServerConfig
+    from router.tokenizer import Tokenizer
+    from router.validation import Defaults, Limits
+
+    config = engine_config(args)
+    engine = Engine(config)
+    tokenizer = Tokenizer.from_pretrained(config.model_dir)
+    max_len = min(args.max_model_len or engine.max_model_len, engine.max_model_len)
+    limits = Limits(max_model_len=max_len, vocab_size=engine.vocab_size, max_new_tokens=args.max_new_tokens_limit)
+    runner = Runner(engine, tokenizer, args.max_num_seqs, args.max_num_batched_tokens, args.max_waiting)
+    server = Server(runner, tokenizer, ServerConfig(host=args.host, port=args.port, rope_scaling_mode=args.rope_scaling_mode),
+                    Defaults.from_pretrained(config.model_dir), limits, model_name=Path(config.model_dir).name)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    await server.start()
+    print(f"serving {config.model_dir} (tp={config.tensor_parallel_size} pp={config.pipeline_parallel_size}, "
+          f"max_model_len={max_len}) on {args.host}:{server.port}; try: qwen2-client --target {args.host}:{server.port} "
+          f"generate \"Hello\"", file=sys.stderr, flush=True)
+    await stop.wait()
+    print(f"draining (up to {args.drain_timeout:g}s) ...", file=sys.stderr, flush=True)
+    await server.stop(args.drain_timeout)
+
+
+def serve(args) -> None:
+    """The gRPC server over the Ray engine."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(_serve(args))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="qwen2-cluster", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -137,6 +174,19 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--ignore-eos", action="store_true")
     p.set_defaults(run=generate)
+
+    p = sub.add_parser("serve", help="serve the gRPC API over a Ray cluster of model shards")
+    add_engine_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--max-model-len", type=int, help="cap the model's maximum length (prompt + generated)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences in one step at most")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens in one step at most")
+    p.add_argument("--max-waiting", type=int, default=256, help="queued requests before RESOURCE_EXHAUSTED")
+    p.add_argument("--max-new-tokens-limit", type=int, default=4096, help="the most max_new_tokens a request may ask")
+    p.add_argument("--rope-scaling-mode", choices=["per-request", "static", "off"], default="per-request")
+    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds admitted requests get on SIGTERM")
+    p.set_defaults(run=serve)
 
     args = parser.parse_args(argv)
     try:

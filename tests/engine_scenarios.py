@@ -11,7 +11,8 @@ NEW_TOKENS = 12
 
 def engine_config(model_dir, tp=1, pp=1, **kw) -> EngineConfig:
     """Rendezvous on loopback, small blocks so that sequences span several."""
-    return EngineConfig(str(model_dir), tp, pp, rendezvous_host="127.0.0.1", block_size=4, max_num_blocks=64, **kw)
+    return EngineConfig(str(model_dir), tp, pp, **({"rendezvous_host": "127.0.0.1", "block_size": 4,
+                                                    "max_num_blocks": 64} | kw))
 
 
 def tables(num_seqs: int, blocks_each: int) -> list[list[int]]:

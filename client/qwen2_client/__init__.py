@@ -1,0 +1,25 @@
+"""qwen2-client: the Python SDK and CLI for a qwen2-cluster gRPC server (grpcio + protobuf; no torch, no ray).
+
+    from qwen2_client import Client
+    with Client("localhost:50051") as c:
+        print(c.generate("The capital of France is", max_new_tokens=8, temperature=0).text)
+"""
+
+from .aio import AsyncClient, AsyncDeltaStream
+from .build import GenerationParams, build_generate_request, build_parameters, build_tokenize_request
+from .client import Client, DeltaStream
+from .errors import (AuthenticationError, CancelledError, DeadlineError, OverloadedError, Qwen2Error,
+                     ServerError, UnavailableError, ValidationError, error_from_rpc, error_from_status)
+from .retry import RetryPolicy
+from .types import (Delta, FinalInfo, ModelInfo, Result, Timings, TokenizeResult, TokenLogprob, TopLogprob,
+                    Usage)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncClient", "AsyncDeltaStream", "AuthenticationError", "CancelledError", "Client", "DeadlineError",
+    "Delta", "DeltaStream", "FinalInfo", "GenerationParams", "ModelInfo", "OverloadedError", "Qwen2Error",
+    "Result", "RetryPolicy", "ServerError", "Timings", "TokenLogprob", "TokenizeResult", "TopLogprob",
+    "UnavailableError", "Usage", "ValidationError", "build_generate_request", "build_parameters",
+    "build_tokenize_request", "error_from_rpc", "error_from_status", "__version__",
+]

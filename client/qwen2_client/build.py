@@ -1,0 +1,158 @@
+"""Building request messages: only the parameters given are set (explicit presence), one input kind."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Union
+
+from typing_extensions import TypedDict
+
+from .proto import serving_pb2 as pb
+
+
+class GenerationParams(TypedDict, total=False):
+    """Keyword arguments mirroring GenerationParameters; an unset one takes the server's default."""
+
+    max_new_tokens: int
+    temperature: float  # 0 = greedy
+    top_k: int  # 0 = off
+    top_p: float
+    min_p: float
+    repetition_penalty: float
+    presence_penalty: float
+    frequency_penalty: float
+    seed: int
+    stop: Union[str, Sequence[str]]
+    stop_token_ids: Sequence[int]
+    ignore_eos: bool
+    logprobs: int  # top-n per generated token (0 = the chosen token's logprob only)
+
+
+PARAM_NAMES = tuple(f.name for f in pb.GenerationParameters.DESCRIPTOR.fields)
+_REPEATED = {"stop", "stop_token_ids"}
+_INTS = {"max_new_tokens", "top_k", "seed", "logprobs"}
+_FLOATS = {"temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"}
+
+Message = Union[Mapping[str, str], Sequence[str], pb.ChatMessage]
+Prompt = Union[str, Sequence[int], Sequence[Message]]
+
+
+def build_parameters(**params: Any) -> pb.GenerationParameters:
+    """GenerationParameters with exactly the fields whose value is not None."""
+    unknown = sorted(set(params) - set(PARAM_NAMES))
+    if unknown:
+        raise TypeError(f"unknown generation parameter(s): {', '.join(unknown)} "
+                        f"(known: {', '.join(PARAM_NAMES)})")
+    out = pb.GenerationParameters()
+    for name, value in params.items():
+        if value is None:
+            continue
+        if name == "stop":
+            out.stop.extend([value] if isinstance(value, str) else list(value))
+        elif name == "stop_token_ids":
+            out.stop_token_ids.extend(_ints(name, value))
+        elif name == "ignore_eos":
+            out.ignore_eos = bool(value)
+        elif name in _INTS:
+            setattr(out, name, _int(name, value))
+        else:
+            assert name in _FLOATS, name
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number, got {value!r}")
+            setattr(out, name, float(value))
+    return out
+
+
+def _int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def _ints(name: str, values: Any) -> list[int]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise TypeError(f"{name} must be a sequence of integers, got {values!r}")
+    return [_int(name, v) for v in values]
+
+
+def chat_message(m: Message) -> pb.ChatMessage:
+    """{"role", "content"} mapping, (role, content) pair, ChatMessage, or an object with .role/.content."""
+    if isinstance(m, pb.ChatMessage):
+        return m
+    if isinstance(m, Mapping):
+        if "role" not in m or "content" not in m:
+            raise ValueError(f"a chat message needs 'role' and 'content', got keys {sorted(m)}")
+        return pb.ChatMessage(role=str(m["role"]), content=str(m["content"]))
+    if isinstance(m, Sequence) and not isinstance(m, str) and len(m) == 2:
+        return pb.ChatMessage(role=str(m[0]), content=str(m[1]))
+    if hasattr(m, "role") and hasattr(m, "content"):
+        return pb.ChatMessage(role=str(m.role), content=str(m.content))
+    raise TypeError(f"not a chat message: {m!r}")
+
+
+def chat_input(messages: Sequence[Message], add_generation_prompt: bool | None) -> pb.ChatInput:
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        raise TypeError(f"messages must be a list of chat messages, got {type(messages).__name__}")
+    out = pb.ChatInput(messages=[chat_message(m) for m in messages])
+    if add_generation_prompt is not None:
+        out.add_generation_prompt = bool(add_generation_prompt)
+    return out
+
+
+def split_prompt(prompt: Prompt | None, text: str | None, messages: Sequence[Message] | None,
+                 token_ids: Sequence[int] | None, *, allow_token_ids: bool = True):
+    """(kind, value) with kind in {"text", "messages", "token_ids"}; exactly one input must be given."""
+    given = [(k, v) for k, v in (("text", text), ("messages", messages), ("token_ids", token_ids)) if v is not None]
+    if prompt is not None:
+        if isinstance(prompt, str):
+            given.append(("text", prompt))
+        elif isinstance(prompt, Sequence) and prompt and all(
+                isinstance(x, int) and not isinstance(x, bool) for x in prompt):
+            given.append(("token_ids", prompt))
+        elif isinstance(prompt, Sequence) and prompt:
+            given.append(("messages", prompt))
+        else:
+            raise TypeError("prompt must be a str, a non-empty list of token ids, or a non-empty list of "
+                            f"chat messages; got {prompt!r}")
+    if len(given) != 1:
+        raise TypeError("give exactly one input: text, messages" + (" or token_ids" if allow_token_ids else "")
+                        + (f" (got {', '.join(k for k, _ in given)})" if given else ""))
+    kind, value = given[0]
+    if kind == "token_ids" and not allow_token_ids:
+        raise TypeError("token_ids is not an input of this call")
+    return kind, value
+
+
+def build_generate_request(prompt: Prompt | None = None, *, text: str | None = None,
+                           messages: Sequence[Message] | None = None, token_ids: Sequence[int] | None = None,
+                           add_generation_prompt: bool | None = None, request_id: str | None = None,
+                           **params: Any) -> pb.GenerateRequest:
+    kind, value = split_prompt(prompt, text, messages, token_ids)
+    req = pb.GenerateRequest(parameters=build_parameters(**params))
+    if kind == "text":
+        req.text = value
+    elif kind == "messages":
+        req.chat.CopyFrom(chat_input(value, add_generation_prompt))
+    else:
+        req.token_ids.ids.extend(_ints("token_ids", value))
+    if add_generation_prompt is not None and kind != "messages":
+        raise TypeError("add_generation_prompt applies to chat messages only")
+    if request_id:
+        req.request_id = request_id
+    return req
+
+
+def build_tokenize_request(prompt: str | Sequence[Message] | None = None, *, text: str | None = None,
+                           messages: Sequence[Message] | None = None,
+                           add_generation_prompt: bool | None = None) -> pb.TokenizeRequest:
+    kind, value = split_prompt(prompt, text, messages, None, allow_token_ids=False)
+    req = pb.TokenizeRequest()
+    if kind == "text":
+        req.text = value
+    else:
+        req.chat.CopyFrom(chat_input(value, add_generation_prompt))
+    if add_generation_prompt is not None and kind != "messages":
+        raise TypeError("add_generation_prompt applies to chat messages only")
+    return req

@@ -1,0 +1,209 @@
+"""The synchronous client."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any, Callable
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from typing_extensions import Unpack
+
+from ._common import (DEFAULT_TARGET, Deadline, PemSource, call_metadata, channel_credentials,
+                      channel_options)
+from .build import GenerationParams, Message, Prompt, build_generate_request, build_tokenize_request
+from .errors import DeadlineError, UnavailableError, error_from_rpc
+from .proto import serving_pb2 as pb
+from .proto import serving_pb2_grpc as pb_grpc
+from .retry import NO_RETRY, RetryPolicy
+from .types import Delta, ModelInfo, Result, TokenizeResult
+
+
+class Client:
+    """A blocking client for one qwen2-cluster server.
+
+        with Client("localhost:50051") as c:
+            r = c.generate("Hello", max_new_tokens=16, temperature=0)
+            for d in c.generate_stream(messages=[{"role": "user", "content": "Hi"}]):
+                print(d.text, end="", flush=True)
+
+    Every call takes `timeout` (seconds, the deadline for the call and all its retries; default: the
+    client's `timeout`). Failed calls raise a `Qwen2Error` subclass; UNAVAILABLE and RESOURCE_EXHAUSTED
+    are first retried according to `retry` (a stream only until its first message arrived).
+    """
+
+    def __init__(self, target: str = DEFAULT_TARGET, *, tls: bool = False, root_certificates: PemSource = None,
+                 private_key: PemSource = None, certificate_chain: PemSource = None,
+                 server_name: str | None = None, token: str | None = None,
+                 metadata: Sequence[tuple[str, str]] | None = None, timeout: float | None = None,
+                 retry: RetryPolicy | None = None, options: Sequence[tuple[str, Any]] | None = None,
+                 channel: grpc.Channel | None = None):
+        self.target = target
+        if channel is None:
+            creds = channel_credentials(tls, root_certificates, private_key, certificate_chain)
+            opts = channel_options(options, server_name)
+            channel = (grpc.secure_channel(target, creds, opts) if creds is not None
+                       else grpc.insecure_channel(target, opts))
+        self._channel = channel
+        self._stub = pb_grpc.GenerationStub(channel)
+        self._health = health_pb2_grpc.HealthStub(channel)
+        self._metadata = call_metadata(token, metadata)
+        self._timeout = timeout
+        self.retry = retry if retry is not None else RetryPolicy()
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- calls -------------------------------------------------------------------------------------
+    def generate(self, prompt: Prompt | None = None, *, text: str | None = None,
+                 messages: Sequence[Message] | None = None, token_ids: Sequence[int] | None = None,
+                 add_generation_prompt: bool | None = None, request_id: str | None = None,
+                 timeout: float | None = None, **params: Unpack[GenerationParams]) -> Result:
+        """The whole generation. `prompt` is text (str), token ids (list[int]) or chat messages."""
+        req = build_generate_request(prompt, text=text, messages=messages, token_ids=token_ids,
+                                     add_generation_prompt=add_generation_prompt, request_id=request_id, **params)
+        return Result.from_pb(self._unary(self._stub.Generate, req, timeout))
+
+    def generate_stream(self, prompt: Prompt | None = None, *, text: str | None = None,
+                        messages: Sequence[Message] | None = None, token_ids: Sequence[int] | None = None,
+                        add_generation_prompt: bool | None = None, request_id: str | None = None,
+                        timeout: float | None = None, **params: Unpack[GenerationParams]) -> "DeltaStream":
+        """An iterator of Deltas (the last carries `final`). Leaving it early (break, close(), cancel(),
+        or a `with` block) cancels the call, so the server frees the sequence at once."""
+        req = build_generate_request(prompt, text=text, messages=messages, token_ids=token_ids,
+                                     add_generation_prompt=add_generation_prompt, request_id=request_id, **params)
+        deadline = Deadline(self._timeout if timeout is None else timeout)
+        start = lambda: self._stub.GenerateStream(req, timeout=deadline.remaining(), metadata=self._metadata)  # noqa: E731
+        return DeltaStream(start, self.retry, deadline)
+
+    def chat(self, messages: Sequence[Message], add_generation_prompt: bool = True, *,
+             request_id: str | None = None, timeout: float | None = None,
+             **params: Unpack[GenerationParams]) -> Result:
+        """Generate from chat messages rendered with the checkpoint's chat template."""
+        return self.generate(messages=messages, add_generation_prompt=add_generation_prompt,
+                             request_id=request_id, timeout=timeout, **params)
+
+    def tokenize(self, prompt: str | Sequence[Message] | None = None, *, text: str | None = None,
+                 messages: Sequence[Message] | None = None, add_generation_prompt: bool | None = None,
+                 timeout: float | None = None) -> TokenizeResult:
+        req = build_tokenize_request(prompt, text=text, messages=messages,
+                                     add_generation_prompt=add_generation_prompt)
+        return TokenizeResult.from_pb(self._unary(self._stub.Tokenize, req, timeout))
+
+    def model_info(self, *, timeout: float | None = None) -> ModelInfo:
+        return ModelInfo.from_pb(self._unary(self._stub.ModelInfo, pb.ModelInfoRequest(), timeout))
+
+    def health(self, service: str = "", *, timeout: float | None = None) -> str:
+        """The standard grpc.health.v1 Check: "SERVING", "NOT_SERVING", "UNKNOWN" or "SERVICE_UNKNOWN".
+        Not retried; an unreachable server raises UnavailableError."""
+        resp = self._unary(self._health.Check, health_pb2.HealthCheckRequest(service=service),
+                           5.0 if timeout is None and self._timeout is None else timeout, retry=NO_RETRY)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+    def is_serving(self, service: str = "", *, timeout: float | None = None) -> bool:
+        """True when health() says SERVING; False when it says otherwise or the server is unreachable."""
+        try:
+            return self.health(service, timeout=timeout) == "SERVING"
+        except (UnavailableError, DeadlineError):
+            return False
+
+    def wait_until_serving(self, timeout: float = 60.0, interval: float = 0.2) -> None:
+        """Poll health() until SERVING; DeadlineError after `timeout` seconds."""
+        deadline = Deadline(timeout)
+        while True:
+            left = deadline.remaining()
+            if self.is_serving(timeout=max(min(left, 5.0), 0.01)):
+                return
+            if deadline.remaining() <= interval:
+                raise DeadlineError(f"DEADLINE_EXCEEDED: {self.target} not SERVING after {timeout:g} s",
+                                    code=grpc.StatusCode.DEADLINE_EXCEEDED)
+            time.sleep(interval)
+
+    # -- plumbing ----------------------------------------------------------------------------------
+    def _unary(self, rpc: Callable, request, timeout: float | None, retry: RetryPolicy | None = None):
+        policy = retry or self.retry
+        deadline = Deadline(self._timeout if timeout is None else timeout)
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return rpc(request, timeout=deadline.remaining(), metadata=self._metadata)
+            except grpc.RpcError as e:
+                err = error_from_rpc(e)
+                delay = policy.delay_after(attempt, err, deadline.remaining())
+                if delay is None:
+                    raise err from e
+            time.sleep(delay)
+
+
+class DeltaStream(Iterator[Delta]):
+    """The Deltas of one GenerateStream call; retried (UNAVAILABLE / RESOURCE_EXHAUSTED) only until the
+    first message arrived. The call starts at the first next()."""
+
+    def __init__(self, start: Callable[[], Any], retry: RetryPolicy, deadline: Deadline):
+        self._start, self._retry, self._deadline = start, retry, deadline
+        self._call = None
+        self._received = False
+        self._attempt = 0
+        self._done = False
+
+    def __iter__(self) -> "DeltaStream":
+        return self
+
+    def __next__(self) -> Delta:
+        while True:
+            if self._done:
+                raise StopIteration
+            if self._call is None:
+                self._attempt += 1
+                self._call = self._start()
+            try:
+                msg = next(self._call)
+            except StopIteration:
+                self._done = True
+                raise
+            except grpc.RpcError as e:
+                self._call = None
+                err = error_from_rpc(e)
+                delay = None if self._received else self._retry.delay_after(
+                    self._attempt, err, self._deadline.remaining())
+                if delay is None:
+                    self._done = True
+                    raise err from e
+                time.sleep(delay)
+                continue
+            self._received = True
+            return Delta.from_pb(msg)
+
+    def cancel(self) -> None:
+        """Cancel the call (the server frees the sequence); iteration then stops."""
+        self._done = True
+        if self._call is not None:
+            self._call.cancel()
+            self._call = None
+
+    close = cancel
+
+    def collect(self) -> Result:
+        """Consume the rest of the stream into one Result."""
+        return Result.from_deltas(self)
+
+    def __enter__(self) -> "DeltaStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.cancel()
+
+    def __del__(self):
+        try:
+            self.cancel()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass

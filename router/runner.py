@@ -1,0 +1,178 @@
+"""The engine loop: schedule a step, run it on the cluster, turn sampled tokens into per-request events.
+
+The router owns every sequence's tokens (the scheduler's `Sequence`); the engine only computes. Up to
+`pipeline_parallel_size` steps are in flight at once, each over sequences the others do not hold, so
+pipeline stages overlap. Each request reads its events from its own queue; a request whose reader goes
+away is cancelled and its KV blocks are freed at once.
+"""
+
+import asyncio
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+
+from cluster.engine import Engine, EngineError
+from router.detokenizer import IncrementalDetokenizer
+from router.scheduler import BlockManager, Scheduler, Sequence
+from router.tokenizer import Tokenizer
+from router.validation import ValidRequest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Event:
+    """What a request's stream gets: new tokens and text, and on the last event how it ended."""
+
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[dict] = field(default_factory=list)
+    finish_reason: str | None = None  # "length", "stop", "eos", "cancelled"
+    matched_stop: str | None = None
+    error: Exception | None = None
+
+
+@dataclass(eq=False)
+class Request:
+    seq: Sequence
+    valid: ValidRequest
+    detokenizer: IncrementalDetokenizer
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    first_token_time: float | None = None
+    finished: bool = False
+
+    @property
+    def queue_seconds(self) -> float:
+        started = self.seq.first_scheduled_time or time.monotonic()
+        return started - self.seq.arrival_time
+
+    @property
+    def ttft_seconds(self) -> float:
+        return (self.first_token_time or time.monotonic()) - self.seq.arrival_time
+
+
+class EngineUnavailable(RuntimeError):
+    pass
+
+
+class Runner:
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, max_num_seqs: int = 64,
+                 max_num_batched_tokens: int = 2048, max_waiting: int = 256):
+        self.engine, self.tokenizer = engine, tokenizer
+        self.limits = dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                           max_waiting=max_waiting)
+        self.scheduler: Scheduler | None = None
+        self.requests: dict[int, Request] = {}
+        self.ids = itertools.count()
+        self.ready = False
+        self.failure: Exception | None = None
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        await self.engine.start()
+        self.scheduler = Scheduler(BlockManager(self.engine.num_kv_blocks, self.engine.block_size), **self.limits)
+        self._loop_task = asyncio.create_task(self._loop())
+        self.ready = True
+
+    async def shutdown(self) -> None:
+        self.ready = False
+        if self._loop_task:
+            self._loop_task.cancel()
+            try:
+                await self._loop_task
+            except (asyncio.CancelledError, Exception):
+                pass
+        for request in list(self.requests.values()):
+            self._end(request, Event(error=EngineUnavailable("server is shutting down")))
+        await self.engine.shutdown()
+
+    @property
+    def idle(self) -> bool:
+        return not self.requests
+
+    def submit(self, prompt_ids: list[int], valid: ValidRequest, rope_variant: int = 0) -> Request:
+        """Admit a request (QueueFullError when the waiting queue is full)."""
+        if not self.ready or self.failure is not None:
+            raise EngineUnavailable("the engine is not serving" + (f": {self.failure}" if self.failure else ""))
+        seq = Sequence(next(self.ids), list(prompt_ids), valid.sampling, rope_variant)
+        self.scheduler.add(seq)
+        request = Request(seq, valid, IncrementalDetokenizer(self.tokenizer, valid.stop))
+        self.requests[seq.seq_id] = request
+        self._wake.set()
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """The client went away or gave up: forget the sequence and free its blocks now."""
+        if not request.finished:
+            self._end(request, Event(finish_reason="cancelled"))
+
+    def _end(self, request: Request, event: Event) -> None:
+        request.finished = True
+        self.requests.pop(request.seq.seq_id, None)
+        if self.scheduler is not None:
+            self.scheduler.finish(request.seq.seq_id)
+        request.events.put_nowait(event)
+
+    async def _loop(self) -> None:
+        depth = max(1, self.engine.config.pipeline_parallel_size)
+        in_flight: list[asyncio.Task] = []
+        while True:
+            while len(in_flight) < depth:
+                plans = self.scheduler.schedule()
+                for seq in self.scheduler.pop_aborted():  # outgrew the whole KV cache
+                    if seq.seq_id in self.requests:
+                        self._end(self.requests[seq.seq_id], Event(finish_reason="length"))
+                if not plans:
+                    break
+                in_flight.append(asyncio.create_task(self._step(plans)))
+            if not in_flight:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                plans, results = await in_flight.pop(0)  # steps finish in the order they were submitted
+            except EngineError as e:
+                self._fail(e, in_flight)
+                return
+            for seq in self.scheduler.complete(plans, results):
+                request = self.requests.get(seq.seq_id)
+                if request is not None:
+                    self._on_token(request, seq, results)
+
+    async def _step(self, plans):
+        return plans, await self.engine.step(plans)
+
+    def _fail(self, error: Exception, in_flight: list[asyncio.Task]) -> None:
+        """A rank died or timed out: every request in flight ends UNAVAILABLE (recovery is a later issue)."""
+        log.error("engine failed: %s", error)
+        self.failure = error
+        for task in in_flight:
+            task.cancel()
+        for request in list(self.requests.values()):
+            self._end(request, Event(error=EngineUnavailable(f"the engine failed: {error}")))
+
+    def _on_token(self, request: Request, seq: Sequence, results: list[dict]) -> None:
+        token = seq.output_token_ids[-1]
+        row = next(r for r in results if r["seq_id"] == seq.seq_id)
+        if request.first_token_time is None:
+            request.first_token_time = time.monotonic()
+        valid, event = request.valid, Event(token_ids=[token], logprobs=[row])
+        if token in valid.stop_token_ids:
+            event.finish_reason = "stop"
+        elif token in self.engine.eos_token_ids and not valid.ignore_eos:
+            event.finish_reason = "eos"
+        else:
+            event.text = request.detokenizer.add(token)
+            if request.detokenizer.stopped:
+                event.finish_reason, event.matched_stop = "stop", request.detokenizer.matched_stop
+        if event.finish_reason is None and (len(seq.output_token_ids) >= valid.max_new_tokens
+                                            or seq.num_tokens >= self.engine.max_model_len):
+            event.finish_reason = "length"
+        if event.finish_reason is None:
+            request.events.put_nowait(event)
+            return
+        if event.finish_reason != "stop" or event.matched_stop is None:
+            event.text += request.detokenizer.finish()
+        self._end(request, event)

@@ -1,0 +1,319 @@
+"""Continuous batching with chunked prefill over a paged KV cache.
+
+The router owns every token of every sequence, so the scheduler never needs the model's state back:
+a sequence is just "tokens known" and "tokens whose K/V is cached". Each step gives every scheduled
+sequence a chunk of its not-yet-cached tokens; the chunk samples when it reaches the end of the known
+tokens. A decode is a 1-token chunk, a prompt is one or more chunks, and preemption, recovery after an
+engine failure and resuming a long prompt are all the same thing: cache fewer tokens, compute the rest.
+
+Age is the order of add(). Both queues stay sorted by age, so "oldest first" and FCFS are list order,
+and a preempted sequence goes back to the front of waiting by plain sorted insertion (every sequence
+never admitted is younger than every sequence ever admitted).
+"""
+
+import bisect
+import enum
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from shards.batch import SeqPlan
+from shards.sampling import SamplingParams
+
+
+class QueueFullError(Exception):
+    """The waiting queue is at max_waiting: refuse now (RESOURCE_EXHAUSTED) rather than queue forever."""
+
+
+class BlockManager:
+    """Fixed-size KV blocks handed out by id. The shards hold the memory; this only does the accounting."""
+
+    def __init__(self, num_blocks: int, block_size: int):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks} and {block_size}")
+        self.num_total = num_blocks
+        self.block_size = block_size
+        self._free = deque(range(num_blocks))  # FIFO: a freed block is reused last, which helps debugging
+        self._used: set[int] = set()
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def usage(self) -> float:
+        return len(self._used) / self.num_total
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def allocate(self, count: int) -> list[int]:
+        if count > len(self._free):
+            raise RuntimeError(f"cannot allocate {count} KV blocks: {len(self._free)} of {self.num_total} free")
+        blocks = [self._free.popleft() for _ in range(count)]
+        self._used.update(blocks)
+        return blocks
+
+    def free(self, blocks: list[int]) -> None:
+        for block in blocks:
+            if block not in self._used:  # a double free would hand one block to two sequences
+                raise ValueError(f"KV block {block} is not allocated")
+            self._used.remove(block)
+            self._free.append(block)
+
+
+class SeqStatus(enum.Enum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    FINISHED = enum.auto()
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: int
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    rope_variant: int = 0
+    arrival_time: float = field(default_factory=time.monotonic)
+    output_token_ids: list[int] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0  # tokens whose K/V is in the cache
+    status: SeqStatus = SeqStatus.WAITING
+    in_flight: bool = False  # part of a step that has not returned yet
+    first_scheduled_time: float | None = None
+    num_preemptions: int = 0
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def tokens(self, start: int, end: int) -> list[int]:
+        """all_token_ids[start:end] without copying a long prompt for every decode."""
+        p = len(self.prompt_token_ids)
+        if start >= p:
+            return self.output_token_ids[start - p : end - p]
+        if end <= p:
+            return self.prompt_token_ids[start:end]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - p]
+
+
+class Scheduler:
+    """Builds one step at a time: running sequences first (oldest first), then FCFS admission.
+
+    A sequence is in at most one step at a time (`in_flight`), so with pipeline parallelism several
+    steps can be outstanding and are disjoint. complete() must get back the very plan objects that
+    schedule() returned: plans from before a finish() or requeue_all() are recognised and dropped.
+    """
+
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, max_waiting: int):
+        if min(max_num_seqs, max_num_batched_tokens, max_waiting) < 1:
+            raise ValueError(
+                f"max_num_seqs, max_num_batched_tokens and max_waiting must be >= 1, got "
+                f"{max_num_seqs}, {max_num_batched_tokens} and {max_waiting}"
+            )
+        self.blocks = blocks
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_waiting = max_waiting
+        self.waiting: list[Sequence] = []  # sorted by age: FCFS order
+        self.running: list[Sequence] = []  # sorted by age: holds blocks, possibly in flight
+        self.num_preemptions = 0
+        self._seqs: dict[int, Sequence] = {}
+        self._age: dict[int, int] = {}  # seq_id -> add() order
+        self._next_age = 0
+        self._planned: dict[int, SeqPlan] = {}  # seq_id -> its plan in flight
+        self._aborted: list[Sequence] = []
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        if not seq.prompt_token_ids:
+            raise ValueError(f"sequence {seq.seq_id}: empty prompt")
+        if seq.seq_id in self._seqs:
+            raise ValueError(f"sequence {seq.seq_id} is already scheduled")
+        need = self.blocks.blocks_for(len(seq.prompt_token_ids))
+        if need > self.blocks.num_total:  # it could never be admitted, and would block FCFS forever
+            raise ValueError(
+                f"prompt of {len(seq.prompt_token_ids)} tokens needs {need} KV blocks of "
+                f"{self.blocks.block_size}, the cache has {self.blocks.num_total} "
+                f"({self.blocks.num_total * self.blocks.block_size} tokens)"
+            )
+        if len(self.waiting) >= self.max_waiting:
+            raise QueueFullError(f"waiting queue is full (max_waiting={self.max_waiting})")
+        seq.status, seq.in_flight = SeqStatus.WAITING, False
+        seq.num_computed_tokens, seq.block_table = 0, []
+        self._seqs[seq.seq_id] = seq
+        self._age[seq.seq_id] = self._next_age
+        self._next_age += 1
+        self.waiting.append(seq)  # youngest: the end of the queue is its sorted place
+
+    def schedule(self) -> list[SeqPlan]:
+        """The next step's plans ([] when nothing can run now); marks each planned sequence in flight."""
+        budget = self.max_num_batched_tokens
+        plans: list[SeqPlan] = []
+        preempted = False
+        for seq in list(self.running):  # a snapshot: preemption removes from self.running
+            if budget == 0:
+                break
+            if seq.in_flight or seq.status is not SeqStatus.RUNNING or self._drop_if_unfittable(seq):
+                continue
+            while self._room(seq) == 0:  # no free block: preempt the newest idle sequence, seq at worst
+                victim = next(s for s in reversed(self.running) if not s.in_flight)
+                if victim is seq and self.running[-1] is not seq:
+                    break  # younger ones are in flight: wait for them to return rather than yield to them
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            if seq.status is not SeqStatus.RUNNING or self._room(seq) == 0:
+                continue
+            # A prefill chunk shrinks to the free blocks rather than preempting anyone.
+            chunk = min(seq.num_tokens - seq.num_computed_tokens, budget, self._room(seq))
+            self._grow(seq, chunk)
+            plans.append(self._plan(seq, chunk))
+            budget -= chunk
+
+        # Admission. Not in a step that had to preempt: the cache is full and the preempted would thrash.
+        while not preempted and self.waiting and budget and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if self._drop_if_unfittable(seq):
+                continue
+            chunk = min(seq.num_tokens, budget)  # a smaller first chunk rather than waiting for budget
+            if self.blocks.blocks_for(chunk) > self.blocks.num_free:
+                break  # FCFS: nobody overtakes the head of the queue
+            self.waiting.pop(0)
+            seq.status = SeqStatus.RUNNING
+            bisect.insort(self.running, seq, key=self._key)
+            self._grow(seq, chunk)
+            plans.append(self._plan(seq, chunk))
+            budget -= chunk
+        return plans
+
+    def complete(self, plans: list[SeqPlan], results: list[dict]) -> list[Sequence]:
+        """Apply a finished step; returns the sequences that got a new token, in plan order.
+
+        Plans of sequences finished or requeued since schedule() are ignored, with their results.
+        """
+        by_id = {r["seq_id"]: r for r in results}
+        live = [p for p in plans if self._planned.get(p.seq_id) is p]
+        missing = [p.seq_id for p in live if p.sampling is not None and p.seq_id not in by_id]
+        if missing:  # checked before changing anything, so the caller can still requeue_all()
+            raise ValueError(f"step results have no token for sampling sequences {missing}")
+        sampled = []
+        for plan in live:
+            seq = self._seqs[plan.seq_id]
+            del self._planned[plan.seq_id]
+            seq.in_flight = False
+            seq.num_computed_tokens = plan.start + len(plan.token_ids)
+            if plan.sampling is not None:
+                seq.output_token_ids.append(by_id[plan.seq_id]["token_id"])
+                sampled.append(seq)
+        return sampled
+
+    def finish(self, seq_id: int) -> None:
+        """Finished, cancelled or failed: free its blocks now and forget it (no-op for unknown ids).
+
+        Freeing blocks of a sequence still in flight is safe: ranks run steps in submission order, so
+        the old step's K/V writes land before any later step's owner of those blocks writes its own.
+        """
+        seq = self._seqs.pop(seq_id, None)
+        if seq is None:
+            return
+        (self.running if seq.status is SeqStatus.RUNNING else self.waiting).remove(seq)
+        self._release(seq)
+        seq.status = SeqStatus.FINISHED
+        del self._age[seq_id]
+
+    def requeue_all(self) -> None:
+        """After an engine failure: every running sequence (in flight or not) is recomputed from its tokens."""
+        for seq in self.running:
+            self._release(seq)
+            seq.status = SeqStatus.WAITING
+        self.waiting = sorted(self.running + self.waiting, key=self._key)  # they all go before never-admitted
+        self.running = []
+
+    def pop_aborted(self) -> list[Sequence]:
+        """Sequences dropped because they outgrew the whole KV cache (status FINISHED, blocks freed).
+
+        The router should end them (finish reason "length"); capping prompt + max_new_tokens at
+        num_total * block_size keeps this list empty.
+        """
+        aborted, self._aborted = self._aborted, []
+        return aborted
+
+    # -- internals -----------------------------------------------------------------------------------
+
+    def _key(self, seq: Sequence) -> int:
+        return self._age[seq.seq_id]
+
+    def _room(self, seq: Sequence) -> int:
+        """How many more tokens seq can cache with the blocks it has plus every free one."""
+        return (len(seq.block_table) + self.blocks.num_free) * self.blocks.block_size - seq.num_computed_tokens
+
+    def _grow(self, seq: Sequence, chunk: int) -> None:
+        """Allocate lazily: the table must cover positions < num_computed_tokens + chunk."""
+        need = self.blocks.blocks_for(seq.num_computed_tokens + chunk) - len(seq.block_table)
+        if need > 0:
+            seq.block_table += self.blocks.allocate(need)
+
+    def _plan(self, seq: Sequence, chunk: int) -> SeqPlan:
+        start, end = seq.num_computed_tokens, seq.num_computed_tokens + chunk
+        samples = end == seq.num_tokens
+        penalised = seq.sampling.repetition_penalty != 1.0
+        plan = SeqPlan(
+            seq_id=seq.seq_id,
+            token_ids=seq.tokens(start, end),
+            start=start,
+            block_table=list(seq.block_table),
+            rope_variant=seq.rope_variant,
+            sampling=seq.sampling if samples else None,
+            prompt_token_ids=list(seq.prompt_token_ids) if samples and penalised else [],
+            output_token_ids=list(seq.output_token_ids) if samples else [],  # its length seeds the RNG counter
+        )
+        seq.in_flight = True
+        if seq.first_scheduled_time is None:
+            seq.first_scheduled_time = time.monotonic()
+        self._planned[seq.seq_id] = plan
+        return plan
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Recompute later: drop its cache, back to the front of waiting (its age puts it there)."""
+        self.running.remove(seq)
+        self._release(seq)
+        seq.status = SeqStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        bisect.insort(self.waiting, seq, key=self._key)
+
+    def _release(self, seq: Sequence) -> None:
+        self.blocks.free(seq.block_table)
+        seq.block_table = []
+        seq.num_computed_tokens = 0
+        seq.in_flight = False
+        self._planned.pop(seq.seq_id, None)
+
+    def _drop_if_unfittable(self, seq: Sequence) -> bool:
+        """A sequence whose known tokens need more blocks than exist can never sample again: drop it
+        instead of letting it preempt itself forever."""
+        if self.blocks.blocks_for(seq.num_tokens) <= self.blocks.num_total:
+            return False
+        (self.running if seq.status is SeqStatus.RUNNING else self.waiting).remove(seq)
+        self._release(seq)
+        seq.status = SeqStatus.FINISHED
+        del self._seqs[seq.seq_id], self._age[seq.seq_id]
+        self._aborted.append(seq)
+        return True

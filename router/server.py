@@ -1,0 +1,253 @@
+"""The gRPC front door: validation, tokenization and streaming over the engine loop.
+
+The server listens (health NOT_SERVING) before the engine is up, so probes and clients get a clear
+answer while 72B weights load; health turns SERVING once the engine serves and back to NOT_SERVING
+when it fails or drains.
+"""
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
+
+from qwen2_client.proto import serving_pb2 as pb
+from qwen2_client.proto import serving_pb2_grpc as pb_grpc
+from router.runner import EngineUnavailable, Event, Request, Runner
+from router.scheduler import QueueFullError
+from router.tokenizer import ChatTemplateError, Tokenizer
+from router.validation import Defaults, Limits, RequestError, validate_parameters, validate_token_ids
+from shards.rope import ORIGINAL, SCALED
+
+log = logging.getLogger(__name__)
+SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
+FINISH = {"length": pb.FINISH_REASON_LENGTH, "stop": pb.FINISH_REASON_STOP, "eos": pb.FINISH_REASON_EOS,
+          "cancelled": pb.FINISH_REASON_CANCELLED}
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    max_message_bytes: int = 64 * 2**20
+    max_concurrent_rpcs: int | None = None
+    rope_scaling_mode: str = "per-request"  # "per-request", "static" (YaRN for all) or "off"
+
+
+async def _abort(context, code: grpc.StatusCode, message: str, violations=()):
+    """End the RPC with `code`; field violations travel as a google.rpc.BadRequest detail."""
+    status = status_pb2.Status(code=code.value[0], message=message)
+    if violations:
+        detail = any_pb2.Any()
+        detail.Pack(error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=f, description=d) for f, d in violations
+        ]))
+        status.details.append(detail)
+    await context.abort_with_status(rpc_status.to_status(status))
+
+
+class GenerationService(pb_grpc.GenerationServicer):
+    def __init__(self, runner: Runner, tokenizer: Tokenizer, defaults: Defaults, limits: Limits,
+                 config: ServerConfig, model_name: str):
+        self.runner, self.tokenizer, self.defaults, self.limits = runner, tokenizer, defaults, limits
+        self.config, self.model_name = config, model_name
+
+    # -- admission --------------------------------------------------------------------------------
+    def _prompt(self, request) -> tuple[list[int], str | None]:
+        """Token ids of the input (and the rendered chat, for chat input)."""
+        which = request.WhichOneof("input")
+        if which is None:
+            raise RequestError([("input", "one of `text`, `chat` or `token_ids` must be set")])
+        if which == "token_ids":
+            return validate_token_ids(request.token_ids.ids, self.limits.vocab_size), None
+        if which == "text":
+            text = request.text
+            if not text:
+                raise RequestError([("text", "`text` must not be empty")])
+        else:
+            text = self._render_chat(request.chat)
+        if len(text) > self.limits.max_input_chars:
+            raise RequestError([(which, f"`{which}` must be at most {self.limits.max_input_chars} characters, "
+                                        f"got {len(text)}")])
+        return self.tokenizer.encode(text), (text if which == "chat" else None)
+
+    def _render_chat(self, chat) -> str:
+        if not chat.messages:
+            raise RequestError([("chat.messages", "`chat.messages` must not be empty")])
+        for i, m in enumerate(chat.messages):
+            if not m.role:
+                raise RequestError([(f"chat.messages[{i}].role", f"`chat.messages[{i}].role` must not be empty")])
+        add = chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
+        try:
+            return self.tokenizer.apply_chat_template(
+                [{"role": m.role, "content": m.content} for m in chat.messages], add_generation_prompt=add)
+        except ChatTemplateError as e:
+            raise RequestError([("chat", str(e))]) from None
+
+    def _rope_variant(self, total_len: int) -> int:
+        scaling = self.runner.engine.model.rope_scaling
+        mode = self.config.rope_scaling_mode
+        if scaling is None or mode == "off":
+            return ORIGINAL
+        if mode == "static" or total_len > scaling.original_max_position_embeddings:
+            return SCALED
+        return ORIGINAL
+
+    async def _admit(self, request, context) -> Request:
+        try:
+            prompt, _ = self._prompt(request)
+            valid = validate_parameters(request.parameters, len(prompt), self.defaults, self.limits)
+            return self.runner.submit(prompt, valid, self._rope_variant(len(prompt) + valid.max_new_tokens))
+        except RequestError as e:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e), e.violations)
+        except QueueFullError as e:
+            await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except EngineUnavailable as e:
+            await _abort(context, grpc.StatusCode.UNAVAILABLE, str(e))
+        except ValueError as e:  # e.g. a prompt longer than the whole KV cache
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e), [("input", str(e))])
+
+    async def _events(self, request: Request, context):
+        """The request's events until its last one; cancels it if the caller goes away first."""
+        try:
+            while True:
+                event: Event = await request.events.get()
+                if event.error is not None:
+                    await _abort(context, grpc.StatusCode.UNAVAILABLE, str(event.error))
+                yield event
+                if event.finish_reason is not None:
+                    return
+        finally:
+            self.runner.cancel(request)
+
+    def _final(self, request: Request, event: Event, began: float) -> pb.FinalInfo:
+        seq = request.seq
+        return pb.FinalInfo(
+            finish_reason=FINISH[event.finish_reason],
+            usage=pb.Usage(prompt_tokens=len(seq.prompt_token_ids), generated_tokens=len(seq.output_token_ids)),
+            timings=pb.Timings(queue_seconds=request.queue_seconds, time_to_first_token_seconds=request.ttft_seconds,
+                               total_seconds=time.monotonic() - began),
+            matched_stop=event.matched_stop or "",
+            rope_variant="yarn" if seq.rope_variant == SCALED else "original",
+        )
+
+    @staticmethod
+    def _logprobs(rows: list[dict]) -> list[pb.TokenLogprob]:
+        return [pb.TokenLogprob(token_id=r["token_id"], logprob=r["logprob"],
+                                top=[pb.TopLogprob(token_id=t, logprob=lp) for t, lp in r["top"]]) for r in rows]
+
+    # -- RPCs -------------------------------------------------------------------------------------
+    async def GenerateStream(self, request, context):
+        began = time.monotonic()
+        admitted = await self._admit(request, context)
+        request_id = request.request_id or uuid.uuid4().hex
+        async for event in self._events(admitted, context):
+            out = pb.GenerateStreamResponse(request_id=request_id, text=event.text, token_ids=event.token_ids,
+                                            logprobs=self._logprobs(event.logprobs))
+            if event.finish_reason is not None:
+                out.final.CopyFrom(self._final(admitted, event, began))
+            yield out
+
+    async def Generate(self, request, context):
+        began = time.monotonic()
+        admitted = await self._admit(request, context)
+        out = pb.GenerateResponse(request_id=request.request_id or uuid.uuid4().hex)
+        text = []
+        async for event in self._events(admitted, context):
+            text.append(event.text)
+            out.token_ids.extend(event.token_ids)
+            out.logprobs.extend(self._logprobs(event.logprobs))
+            if event.finish_reason is not None:
+                out.final.CopyFrom(self._final(admitted, event, began))
+        out.text = "".join(text)
+        return out
+
+    async def Tokenize(self, request, context):
+        which = request.WhichOneof("input")
+        try:
+            if which == "text":
+                rendered, ids = None, self.tokenizer.encode(request.text)
+            elif which == "chat":
+                rendered = self._render_chat(request.chat)
+                ids = self.tokenizer.encode(rendered)
+            else:
+                raise RequestError([("input", "one of `text` or `chat` must be set")])
+        except RequestError as e:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e), e.violations)
+        return pb.TokenizeResponse(token_ids=ids, tokens=[self.tokenizer.id_to_token(i) or "" for i in ids],
+                                   rendered=rendered or "")
+
+    async def ModelInfo(self, request, context):
+        engine = self.runner.engine
+        c = engine.config
+        return pb.ModelInfoResponse(
+            model=self.model_name, max_model_len=engine.max_model_len, vocab_size=engine.vocab_size,
+            eos_token_ids=engine.eos_token_ids, tensor_parallel_size=c.tensor_parallel_size,
+            pipeline_parallel_size=c.pipeline_parallel_size, dtype=str(c.dtype or engine.model.dtype).replace("torch.", ""),
+            device=c.device, max_new_tokens_limit=self.limits.max_new_tokens, num_kv_blocks=engine.num_kv_blocks,
+            block_size=engine.block_size, version=_version(),
+        )
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("qwen2-cluster")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+class Server:
+    """gRPC server + engine: `start()` listens at once, serves when the engine is up; `stop()` drains."""
+
+    def __init__(self, runner: Runner, tokenizer: Tokenizer, config: ServerConfig, defaults: Defaults,
+                 limits: Limits, model_name: str):
+        self.runner, self.config = runner, config
+        options = [("grpc.max_send_message_length", config.max_message_bytes),
+                   ("grpc.max_receive_message_length", config.max_message_bytes)]
+        self.grpc = grpc.aio.server(options=options, maximum_concurrent_rpcs=config.max_concurrent_rpcs)
+        pb_grpc.add_GenerationServicer_to_server(
+            GenerationService(runner, tokenizer, defaults, limits, config, model_name), self.grpc)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        reflection.enable_server_reflection([SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], self.grpc)
+        self.port = self.grpc.add_insecure_port(f"{config.host}:{config.port}")
+        self._watch: asyncio.Task | None = None
+
+    async def _set_health(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE):
+            await self.health.set(name, status)
+
+    async def start(self) -> None:
+        await self._set_health(False)
+        await self.grpc.start()
+        log.info("gRPC listening on %s:%d (NOT_SERVING until the engine is up)", self.config.host, self.port)
+        await self.runner.start()
+        await self._set_health(True)
+        self._watch = asyncio.create_task(self._watch_engine())
+
+    async def _watch_engine(self) -> None:
+        while self.runner.failure is None:
+            await asyncio.sleep(0.2)
+        await self._set_health(False)
+
+    async def stop(self, drain_timeout_s: float = 30.0) -> None:
+        """Stop admitting (NOT_SERVING), let admitted requests finish within the timeout, then stop."""
+        await self._set_health(False)
+        self.runner.ready = False
+        deadline = time.monotonic() + drain_timeout_s
+        while not self.runner.idle and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self._watch:
+            self._watch.cancel()
+        await self.runner.shutdown()
+        await self.grpc.stop(grace=1.0)

@@ -1,0 +1,156 @@
+"""Request validation: every field checked against the model and the server's limits.
+
+Each violation names the field, the value and the bound (TGI's messages are the bar), and all of a
+request's violations are reported together, as `google.rpc.BadRequest` field violations.
+"""
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shards.sampling import SamplingParams
+
+
+class RequestError(ValueError):
+    """An invalid request: (field, description) pairs, all of them."""
+
+    def __init__(self, violations: list[tuple[str, str]]):
+        self.violations = violations
+        super().__init__("; ".join(description for _, description in violations))
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_model_len: int
+    vocab_size: int
+    max_new_tokens: int = 4096  # the most any request may ask for
+    default_max_new_tokens: int = 256  # when neither the request nor generation_config.json says
+    max_stop_sequences: int = 16
+    max_stop_length: int = 256  # characters per stop string
+    max_logprobs: int = 20
+    max_input_chars: int = 4_000_000
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """The model's own sampling defaults (generation_config.json), used for every unset field."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    max_new_tokens: int | None = None
+
+    @classmethod
+    def from_pretrained(cls, model_dir) -> "Defaults":
+        path = Path(model_dir) / "generation_config.json"
+        if not path.is_file():
+            return cls()
+        g = json.loads(path.read_text())
+        sampling = g.get("do_sample", False)  # transformers: without do_sample the knobs are ignored (greedy)
+        return cls(
+            temperature=float(g.get("temperature", 1.0)) if sampling else 0.0,
+            top_k=int(g.get("top_k", 0) or 0) if sampling else 0,
+            top_p=float(g.get("top_p", 1.0)) if sampling else 1.0,
+            min_p=float(g.get("min_p", 0.0) or 0.0) if sampling else 0.0,
+            repetition_penalty=float(g.get("repetition_penalty", 1.0)),
+            max_new_tokens=g.get("max_new_tokens"),
+        )
+
+
+@dataclass
+class ValidRequest:
+    max_new_tokens: int
+    sampling: SamplingParams
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+
+
+def _given(params, name: str):
+    return getattr(params, name) if params.HasField(name) else None
+
+
+def validate_parameters(params, prompt_len: int, defaults: Defaults, limits: Limits) -> ValidRequest:
+    """GenerationParameters (proto) -> what the scheduler needs, or RequestError listing every violation."""
+    bad: list[tuple[str, str]] = []
+
+    def check(name: str, value, ok: bool, bound: str):
+        if not ok:
+            bad.append((f"parameters.{name}", f"`{name}` must be {bound}, got {value!r}"))
+
+    def number(name: str, default, ok, bound: str):
+        value = _given(params, name)
+        if value is None:
+            return default
+        check(name, value, math.isfinite(value) and ok(value), bound)
+        return value
+
+    temperature = number("temperature", defaults.temperature, lambda v: 0.0 <= v <= 100.0, ">= 0.0 and <= 100.0")
+    top_p = number("top_p", defaults.top_p, lambda v: 0.0 < v <= 1.0, "> 0.0 and <= 1.0")
+    min_p = number("min_p", defaults.min_p, lambda v: 0.0 <= v <= 1.0, ">= 0.0 and <= 1.0")
+    repetition = number("repetition_penalty", defaults.repetition_penalty, lambda v: 0.0 < v <= 10.0,
+                        "> 0.0 and <= 10.0")
+    presence = number("presence_penalty", 0.0, lambda v: -2.0 <= v <= 2.0, ">= -2.0 and <= 2.0")
+    frequency = number("frequency_penalty", 0.0, lambda v: -2.0 <= v <= 2.0, ">= -2.0 and <= 2.0")
+    top_k = _given(params, "top_k")
+    top_k = defaults.top_k if top_k is None else top_k
+    check("top_k", top_k, top_k <= limits.vocab_size, f"<= the vocabulary size {limits.vocab_size} (0 = off)")
+    logprobs = _given(params, "logprobs") or 0
+    check("logprobs", logprobs, logprobs <= limits.max_logprobs, f"<= {limits.max_logprobs}")
+
+    room = limits.max_model_len - prompt_len
+    asked = _given(params, "max_new_tokens")
+    if asked is None:
+        max_new = min(defaults.max_new_tokens or limits.default_max_new_tokens, limits.max_new_tokens, max(room, 0))
+    else:
+        max_new = asked
+        check("max_new_tokens", asked, 1 <= asked <= limits.max_new_tokens, f">= 1 and <= {limits.max_new_tokens}")
+        if 1 <= asked <= limits.max_new_tokens and asked > room:
+            bad.append(("parameters.max_new_tokens",
+                        f"prompt ({prompt_len} tokens) + `max_new_tokens` ({asked}) must be <= the maximum "
+                        f"model length {limits.max_model_len}"))
+    if room < 1:
+        bad.append(("input", f"the prompt has {prompt_len} tokens; it must leave room for at least one new token "
+                             f"within the maximum model length {limits.max_model_len}"))
+
+    stop = list(params.stop)
+    check("stop", f"{len(stop)} strings", len(stop) <= limits.max_stop_sequences,
+          f"at most {limits.max_stop_sequences} strings")
+    for i, s in enumerate(stop):
+        if not 1 <= len(s) <= limits.max_stop_length:
+            bad.append((f"parameters.stop[{i}]",
+                        f"`stop[{i}]` must be 1 to {limits.max_stop_length} characters, got {len(s)}"))
+    stop_ids = list(params.stop_token_ids)
+    check("stop_token_ids", f"{len(stop_ids)} ids", len(stop_ids) <= limits.max_stop_sequences,
+          f"at most {limits.max_stop_sequences} ids")
+    for i, t in enumerate(stop_ids):
+        if t >= limits.vocab_size:
+            bad.append((f"parameters.stop_token_ids[{i}]",
+                        f"`stop_token_ids[{i}]` must be < the vocabulary size {limits.vocab_size}, got {t}"))
+    if bad:
+        raise RequestError(bad)
+    seed = _given(params, "seed")
+    return ValidRequest(
+        max_new_tokens=max_new,
+        sampling=SamplingParams(
+            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition,
+            presence_penalty=presence, frequency_penalty=frequency, seed=seed, logprobs=logprobs,
+        ),
+        stop=stop,
+        stop_token_ids=stop_ids,
+        ignore_eos=bool(_given(params, "ignore_eos")),
+    )
+
+
+def validate_token_ids(ids, vocab_size: int, field_name: str = "token_ids.ids") -> list[int]:
+    ids = list(ids)
+    if not ids:
+        raise RequestError([(field_name, f"`{field_name}` must not be empty")])
+    bad = [(i, t) for i, t in enumerate(ids) if t >= vocab_size][:5]
+    if bad:
+        raise RequestError([(f"{field_name}[{i}]", f"`{field_name}[{i}]` must be < the vocabulary size "
+                                                   f"{vocab_size}, got {t}") for i, t in bad])
+    return ids

@@ -1,0 +1,108 @@
+"""Run `qwen2-cluster serve` as a user would, in a subprocess on 127.0.0.1, and wait until it serves."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.multiproc import free_port
+
+
+class ServerProcess:
+    def __init__(self, model_dir, *flags: str, tp: int = 2):
+        self.port = free_port()
+        self.target = f"127.0.0.1:{self.port}"
+        exe = Path(sys.executable).parent / "qwen2-cluster"
+        cmd = [str(exe), "serve", "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(self.port),
+               "--tensor-parallel-size", str(tp), "--rendezvous-host", "127.0.0.1", "--cpus-per-rank", "0.5",
+               "--block-size", "4", *flags]
+        env = dict(os.environ, GLOO_SOCKET_IFNAME="lo")
+        self.log = open(Path(model_dir).parent / f"server-{self.port}.log", "w+")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+
+    def health(self) -> int | None:
+        try:
+            with grpc.insecure_channel(self.target) as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                return stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status
+        except grpc.RpcError:
+            return None
+
+    def wait_serving(self, timeout: float = 180) -> list[int]:
+        """Poll health until SERVING; returns the statuses seen on the way (NOT_SERVING first, if seen)."""
+        seen, deadline = [], time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
+            status = self.health()
+            if status is not None and (not seen or seen[-1] != status):
+                seen.append(status)
+            if status == health_pb2.HealthCheckResponse.SERVING:
+                return seen
+            time.sleep(0.1)
+        raise TimeoutError(f"server not serving after {timeout}s:\n{self.output()}")
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+
+class InProcessServer:
+    """The same server in this process, its event loop on a thread, so tests can inspect the scheduler."""
+
+    def __init__(self, model_dir, tp: int = 2, **runner_limits):
+        import asyncio
+        import threading
+
+        from cluster.engine import Engine
+        from router.runner import Runner
+        from router.server import Server, ServerConfig
+        from router.tokenizer import Tokenizer
+        from router.validation import Defaults, Limits
+        from tests.engine_scenarios import engine_config
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        engine = Engine(engine_config(model_dir, tp, max_num_blocks=None, kv_cache_bytes=8 * 2**20,
+                                      cpus_per_rank=0.5))
+        tokenizer = Tokenizer.from_pretrained(model_dir)
+        self.runner = Runner(engine, tokenizer, **runner_limits)
+        limits = Limits(max_model_len=engine.max_model_len, vocab_size=engine.vocab_size, max_new_tokens=512)
+
+
+        async def build():  # grpc.aio servers belong to the loop they are created on
+            return Server(self.runner, tokenizer, ServerConfig(port=free_port()), Defaults.from_pretrained(model_dir),
+                          limits, model_name="test")
+
+        self.server = self.call(build())
+        self.target = f"127.0.0.1:{self.server.port}"
+        self.call(self.server.start(), timeout=180)
+
+    def call(self, coro, timeout: float = 60):
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        try:
+            self.call(self.server.stop(drain_timeout_s=5), timeout=120)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)

@@ -1,0 +1,479 @@
+"""Scheduler tests against a fake model that keeps a KV cache of token ids.
+
+The fake model writes each planned token into the slot its block table names and, when a sequence
+samples, reads the whole context back through the block table: a lost, stale or shared block changes
+(or trips on) what it reads. The next token is a hash of that context, so the right output of every
+request is known in advance and a preempted or requeued sequence must reproduce it exactly.
+"""
+
+from collections import deque
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from router.scheduler import BlockManager, QueueFullError, Scheduler, Sequence, SeqStatus
+from shards.sampling import SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+def next_token(context: list[int]) -> int:
+    return hash(tuple(context)) % 1000
+
+
+def expected_output(prompt: list[int], n: int) -> list[int]:
+    tokens = list(prompt)
+    for _ in range(n):
+        tokens.append(next_token(tokens))
+    return tokens[len(prompt) :]
+
+
+def prompt_of(seq_id: int, length: int) -> list[int]:
+    return [(seq_id * 31 + i * 7) % 1000 for i in range(length)]
+
+
+class FakeModel:
+    def __init__(self, blocks: BlockManager):
+        self.block_size = blocks.block_size
+        self.cache = [[None] * blocks.block_size for _ in range(blocks.num_total)]
+
+    def slot(self, table, pos):
+        return self.cache[table[pos // self.block_size]], pos % self.block_size
+
+    def step(self, plans):
+        for p in plans:  # all writes of a step land before any read, as in one forward
+            for i, tok in enumerate(p.token_ids):
+                block, off = self.slot(p.block_table, p.start + i)
+                block[off] = (p.seq_id, tok)
+        results = []
+        for p in plans:
+            if p.sampling is None:
+                continue
+            end = p.start + len(p.token_ids)
+            context = []
+            for pos in range(end):
+                block, off = self.slot(p.block_table, pos)
+                assert block[off] is not None and block[off][0] == p.seq_id, f"seq {p.seq_id} pos {pos}: {block[off]}"
+                context.append(block[off][1])
+            assert context[len(context) - len(p.output_token_ids) :] == p.output_token_ids
+            if p.sampling.repetition_penalty != 1.0:
+                assert p.prompt_token_ids + p.output_token_ids == context
+            else:
+                assert p.prompt_token_ids == []
+            results.append({"seq_id": p.seq_id, "token_id": next_token(context), "logprob": -1.0, "top": []})
+        return results
+
+
+def check_invariants(sched: Scheduler):
+    blocks = sched.blocks
+    tables = [b for s in sched.running for b in s.block_table]
+    assert len(tables) == len(set(tables)), "a block is in two tables"
+    assert not set(tables) & set(blocks._free), "a block is both free and owned"
+    assert len(tables) + blocks.num_free == blocks.num_total
+    assert blocks.usage == pytest.approx(len(tables) / blocks.num_total)
+    assert sched.num_running <= sched.max_num_seqs
+    for s in sched.running:
+        assert s.status is SeqStatus.RUNNING
+        if s.in_flight:
+            assert len(s.block_table) >= blocks.blocks_for(s.num_computed_tokens + 1)
+        else:  # lazy: exactly the blocks its cached tokens use
+            assert len(s.block_table) == blocks.blocks_for(s.num_computed_tokens)
+    for s in sched.waiting:
+        assert s.status is SeqStatus.WAITING and not s.in_flight
+        assert s.block_table == [] and s.num_computed_tokens == 0
+    # Tests number sequences in add() order, so age order is id order.
+    assert [s.seq_id for s in sched.running] == sorted(s.seq_id for s in sched.running)
+    assert [s.seq_id for s in sched.waiting] == sorted(s.seq_id for s in sched.waiting)
+
+
+def check_step(sched: Scheduler, plans, in_flight_ids: set[int]):
+    assert 1 <= sum(len(p.token_ids) for p in plans) <= sched.max_num_batched_tokens
+    ids = [p.seq_id for p in plans]
+    assert len(ids) == len(set(ids)) and not set(ids) & in_flight_ids, "steps in flight must be disjoint"
+    for p in plans:
+        seq = next(s for s in sched.running if s.seq_id == p.seq_id)
+        end = p.start + len(p.token_ids)
+        assert seq.in_flight and len(p.token_ids) >= 1
+        assert p.token_ids == seq.all_token_ids[p.start : end]
+        assert len(p.block_table) * sched.blocks.block_size >= end
+        assert p.block_table == seq.block_table and p.block_table is not seq.block_table
+        assert (p.sampling is not None) == (end == seq.num_tokens)
+        if p.sampling is not None:
+            assert p.output_token_ids == seq.output_token_ids and p.output_token_ids is not seq.output_token_ids
+
+
+class Driver:
+    """A router loop in miniature: up to `depth` steps in flight, run by the model in submission order."""
+
+    def __init__(self, num_blocks, block_size, max_num_seqs=8, budget=16, max_waiting=1000, depth=1):
+        self.sched = Scheduler(BlockManager(num_blocks, block_size), max_num_seqs, budget, max_waiting)
+        self.model = FakeModel(self.sched.blocks)
+        self.depth = depth
+        self.pending: deque = deque()
+        self.max_new: dict[int, int] = {}
+        self.outputs: dict[int, list[int]] = {}
+        self.steps: list[list] = []
+
+    def add(self, seq_id, prompt_len, max_new, sampling=GREEDY):
+        self.max_new[seq_id] = max_new
+        self.sched.add(Sequence(seq_id, prompt_of(seq_id, prompt_len), sampling))
+
+    def fill(self):
+        while len(self.pending) < self.depth:
+            plans = self.sched.schedule()
+            check_invariants(self.sched)
+            if not plans:
+                break
+            check_step(self.sched, plans, {p.seq_id for step in self.pending for p in step})
+            self.pending.append(plans)
+            self.steps.append(plans)
+
+    def retire(self):
+        plans = self.pending.popleft()
+        for seq in self.sched.complete(plans, self.model.step(plans)):
+            assert not seq.in_flight
+            if len(seq.output_token_ids) == self.max_new[seq.seq_id]:
+                self.outputs[seq.seq_id] = list(seq.output_token_ids)
+                self.sched.finish(seq.seq_id)
+        check_invariants(self.sched)
+
+    def tick(self):
+        self.fill()
+        if self.pending:
+            self.retire()
+        else:  # nothing in flight and nothing schedulable would be a deadlock
+            assert not self.sched.has_work
+
+    def run(self, max_ticks=100_000):
+        for _ in range(max_ticks):
+            if not self.sched.has_work and not self.pending:
+                return self.outputs
+            self.tick()
+        raise AssertionError("scheduler made no progress")
+
+
+# -- block manager -------------------------------------------------------------------------------------
+
+
+def test_block_manager_accounting():
+    bm = BlockManager(4, 16)
+    assert (bm.num_total, bm.num_free, bm.usage) == (4, 4, 0.0)
+    assert [bm.blocks_for(n) for n in (0, 1, 16, 17, 64)] == [0, 1, 1, 2, 4]
+    got = bm.allocate(3)
+    assert len(set(got)) == 3 and bm.num_free == 1 and bm.usage == 0.75
+    with pytest.raises(RuntimeError, match="cannot allocate 2 KV blocks: 1 of 4 free"):
+        bm.allocate(2)
+    bm.free(got[:1])
+    with pytest.raises(ValueError, match="not allocated"):
+        bm.free(got[:1])
+    bm.free(got[1:])
+    assert bm.num_free == 4
+
+
+# -- admission -----------------------------------------------------------------------------------------
+
+
+def test_queue_full_error_names_the_limit():
+    sched = Scheduler(BlockManager(8, 4), max_num_seqs=4, max_num_batched_tokens=16, max_waiting=2)
+    sched.add(Sequence(0, [1, 2], GREEDY))
+    sched.add(Sequence(1, [1, 2], GREEDY))
+    with pytest.raises(QueueFullError, match=r"waiting queue is full \(max_waiting=2\)"):
+        sched.add(Sequence(2, [1, 2], GREEDY))
+    assert sched.num_waiting == 2
+
+
+def test_prompt_longer_than_whole_cache_is_refused():
+    sched = Scheduler(BlockManager(3, 4), max_num_seqs=4, max_num_batched_tokens=16, max_waiting=8)
+    sched.add(Sequence(0, list(range(12)), GREEDY))  # exactly fills the cache: allowed
+    with pytest.raises(ValueError, match=r"13 tokens needs 4 KV blocks of 4, the cache has 3 \(12 tokens\)"):
+        sched.add(Sequence(1, list(range(13)), GREEDY))
+    with pytest.raises(ValueError, match="empty prompt"):
+        sched.add(Sequence(2, [], GREEDY))
+    with pytest.raises(ValueError, match="already scheduled"):
+        sched.add(Sequence(0, [1], GREEDY))
+
+
+def test_fcfs_and_max_num_seqs():
+    d = Driver(num_blocks=64, block_size=4, max_num_seqs=2, budget=64)
+    for i in range(4):
+        d.add(i, prompt_len=3, max_new=2 + i)
+    d.fill()
+    assert [p.seq_id for p in d.steps[0]] == [0, 1] and d.sched.num_waiting == 2  # cap of 2 running
+    assert d.run() == {i: expected_output(prompt_of(i, 3), 2 + i) for i in range(4)}
+    first_step = {i: next(n for n, step in enumerate(d.steps) if any(p.seq_id == i for p in step)) for i in range(4)}
+    assert first_step[0] == first_step[1] < first_step[2] < first_step[3]  # 2 replaces 0, 3 replaces 1
+    assert max(len(step) for step in d.steps) == 2
+
+
+def test_fcfs_head_that_does_not_fit_blocks_later_ones():
+    sched = Scheduler(BlockManager(4, 4), max_num_seqs=8, max_num_batched_tokens=64, max_waiting=8)
+    sched.add(Sequence(0, list(range(8)), GREEDY))  # 2 blocks
+    sched.add(Sequence(1, list(range(12)), GREEDY))  # 3 blocks: does not fit next to seq 0
+    sched.add(Sequence(2, [5], GREEDY))  # 1 block would fit, but must not overtake seq 1
+    plans = sched.schedule()
+    assert [p.seq_id for p in plans] == [0]
+    assert [s.seq_id for s in sched.waiting] == [1, 2] and sched.blocks.num_free == 2
+    sched.finish(0)
+    assert [p.seq_id for p in sched.schedule()] == [1, 2]
+
+
+def test_first_chunk_shrinks_to_remaining_budget():
+    sched = Scheduler(BlockManager(64, 4), max_num_seqs=8, max_num_batched_tokens=10, max_waiting=8)
+    model = FakeModel(sched.blocks)
+    for i in range(3):
+        sched.add(Sequence(i, prompt_of(i, 2), GREEDY))
+    plans = sched.schedule()
+    sched.complete(plans, model.step(plans))  # three prompts of 2 tokens: all decoding now
+    sched.add(Sequence(3, prompt_of(3, 30), GREEDY))
+    plans = sched.schedule()
+    assert [(p.seq_id, len(p.token_ids)) for p in plans] == [(0, 1), (1, 1), (2, 1), (3, 7)]
+    assert plans[3].start == 0 and plans[3].sampling is None
+
+
+# -- chunked prefill -----------------------------------------------------------------------------------
+
+
+def test_chunked_prefill_interleaves_with_decodes():
+    d = Driver(num_blocks=64, block_size=4, max_num_seqs=8, budget=8)
+    d.add(0, prompt_len=3, max_new=10)
+    d.tick()  # seq 0's prompt: now it decodes every step
+    d.add(1, prompt_len=20, max_new=2)
+    for _ in range(3):
+        d.tick()
+    assert [[(p.seq_id, p.start, len(p.token_ids), p.sampling is not None) for p in s] for s in d.steps[1:4]] == [
+        [(0, 3, 1, True), (1, 0, 7, False)],
+        [(0, 4, 1, True), (1, 7, 7, False)],
+        [(0, 5, 1, True), (1, 14, 6, True)],  # the last chunk ends the prompt: it samples
+    ]
+    outputs = d.run()
+    assert outputs == {i: expected_output(prompt_of(i, n), m) for i, n, m in [(0, 3, 10), (1, 20, 2)]}
+
+
+def test_sampling_plan_fields():
+    sched = Scheduler(BlockManager(16, 4), max_num_seqs=8, max_num_batched_tokens=64, max_waiting=8)
+    model = FakeModel(sched.blocks)
+    rep = SamplingParams(repetition_penalty=1.3, seed=5)
+    sched.add(Sequence(0, [1, 2, 3], rep, rope_variant=1))
+    sched.add(Sequence(1, [4, 5], GREEDY))
+    for _ in range(3):
+        plans = sched.schedule()
+        sched.complete(plans, model.step(plans))
+    p0, p1 = sched.schedule()
+    last = sched.running[0].output_token_ids[-1]
+    assert (p0.token_ids, p0.start, p0.rope_variant, p0.sampling) == ([last], 5, 1, rep)
+    assert p0.prompt_token_ids == [1, 2, 3] and len(p0.output_token_ids) == 3  # seeded RNG counter
+    assert p1.prompt_token_ids == [] and p1.output_token_ids == sched.running[1].output_token_ids
+    assert sched.running[0].first_scheduled_time is not None
+
+
+# -- preemption ----------------------------------------------------------------------------------------
+
+
+def test_preemption_requeues_newest_first_and_reproduces_tokens():
+    requests = [(0, 6, 14), (1, 5, 14), (2, 7, 14)]  # (id, prompt, new): 20, 19, 21 tokens, 6 blocks each
+    roomy = Driver(num_blocks=64, block_size=4, budget=32)
+    tight = Driver(num_blocks=10, block_size=4, budget=32)
+    for d in (roomy, tight):
+        for r in requests:
+            d.add(*r)
+
+    # Drive the tight run until the first preemption and look at who went.
+    while tight.sched.num_preemptions == 0:
+        tight.tick()
+    assert [s.seq_id for s in tight.sched.waiting] == [2]  # the newest, at the front of waiting
+    victim = tight.sched.waiting[0]
+    assert victim.num_preemptions == 1 and victim.block_table == [] and victim.num_computed_tokens == 0
+    assert victim.output_token_ids  # it had generated: those tokens are recomputed, not lost
+
+    assert tight.run() == roomy.run() == {i: expected_output(prompt_of(i, n), m) for i, n, m in requests}
+    assert roomy.sched.num_preemptions == 0 and tight.sched.num_preemptions >= 1
+    assert tight.sched.blocks.num_free == 10
+
+
+def test_preemption_never_touches_in_flight_sequences():
+    d = Driver(num_blocks=6, block_size=2, max_num_seqs=4, budget=8, depth=3)
+    for i in range(4):
+        d.add(i, prompt_len=2, max_new=9)
+    seen_in_flight = []
+
+    original = d.sched._preempt
+
+    def preempt(seq):
+        seen_in_flight.append(seq.in_flight)
+        original(seq)
+
+    d.sched._preempt = preempt
+    outputs = d.run()
+    assert outputs == {i: expected_output(prompt_of(i, 2), 9) for i in range(4)}
+    assert seen_in_flight and not any(seen_in_flight)
+    assert d.sched.blocks.num_free == 6
+
+
+def test_sequence_outgrowing_the_whole_cache_is_aborted_not_deadlocked():
+    d = Driver(num_blocks=2, block_size=4, budget=8)
+    d.add(0, prompt_len=6, max_new=100)  # can hold 8 tokens: samples tokens 7, 8 and 9, then cannot go on
+    d.add(1, prompt_len=2, max_new=3)
+    for _ in range(50):
+        if not d.sched.has_work:
+            break
+        d.tick()
+    aborted = d.sched.pop_aborted()
+    assert [s.seq_id for s in aborted] == [0] and aborted[0].status is SeqStatus.FINISHED
+    assert aborted[0].output_token_ids == expected_output(prompt_of(0, 6), 3)
+    assert d.outputs == {1: expected_output(prompt_of(1, 2), 3)}
+    assert d.sched.pop_aborted() == [] and d.sched.blocks.num_free == 2
+
+
+# -- in flight -----------------------------------------------------------------------------------------
+
+
+def test_steps_in_flight_are_disjoint():
+    sched = Scheduler(BlockManager(64, 4), max_num_seqs=8, max_num_batched_tokens=64, max_waiting=8)
+    model = FakeModel(sched.blocks)
+    for i in range(3):
+        sched.add(Sequence(i, prompt_of(i, 3), GREEDY))
+    first = sched.schedule()
+    assert [p.seq_id for p in first] == [0, 1, 2]
+    assert sched.schedule() == []  # everyone is in flight
+    sched.complete(first, model.step(first))
+    sched.add(Sequence(3, prompt_of(3, 3), GREEDY))
+    a = sched.schedule()
+    b = sched.schedule()
+    assert [p.seq_id for p in a] == [0, 1, 2, 3] and b == []
+    done = sched.complete(a, model.step(a))
+    assert [s.seq_id for s in done] == [0, 1, 2, 3]
+    assert all(not s.in_flight for s in sched.running)
+
+
+def test_finish_mid_flight_frees_blocks_at_once():
+    sched = Scheduler(BlockManager(16, 4), max_num_seqs=8, max_num_batched_tokens=64, max_waiting=8)
+    model = FakeModel(sched.blocks)
+    sched.add(Sequence(0, prompt_of(0, 9), GREEDY))  # 3 blocks
+    sched.add(Sequence(1, prompt_of(1, 3), GREEDY))  # 1 block
+    plans = sched.schedule()
+    assert sched.blocks.num_free == 12
+    sched.finish(0)
+    assert sched.blocks.num_free == 15 and sched.num_running == 1
+    done = sched.complete(plans, model.step(plans))  # seq 0's plan and result are ignored
+    assert [s.seq_id for s in done] == [1]
+    sched.finish(0)  # idempotent
+    sched.finish(1)
+    assert sched.blocks.num_free == 16 and not sched.has_work
+
+
+def test_finish_waiting_sequence():
+    sched = Scheduler(BlockManager(16, 4), max_num_seqs=1, max_num_batched_tokens=64, max_waiting=8)
+    sched.add(Sequence(0, [1], GREEDY))
+    sched.add(Sequence(1, [2], GREEDY))
+    sched.schedule()
+    sched.finish(1)
+    assert sched.num_waiting == 0 and sched.num_running == 1
+
+
+def test_requeue_all_recomputes_everything():
+    requests = [(i, 3 + 4 * i, 6 + i) for i in range(5)]
+    d = Driver(num_blocks=40, block_size=4, max_num_seqs=3, budget=10, depth=2)
+    for r in requests:
+        d.add(*r)
+    for _ in range(4):
+        d.tick()
+    d.fill()
+    assert d.pending and any(s.in_flight for s in d.sched.running)
+    running = [s.seq_id for s in d.sched.running]
+    d.sched.requeue_all()  # the engine died: its steps in flight are lost
+    d.pending.clear()
+    assert d.sched.num_running == 0 and d.sched.blocks.num_free == 40
+    assert [s.seq_id for s in d.sched.waiting][: len(running)] == running  # in front, in arrival order
+    assert all(s.num_computed_tokens == 0 and not s.in_flight for s in d.sched.waiting)
+    assert d.run() == {i: expected_output(prompt_of(i, n), m) for i, n, m in requests}
+    assert d.sched.blocks.num_free == 40
+
+
+def test_stale_results_after_requeue_are_ignored():
+    sched = Scheduler(BlockManager(16, 4), max_num_seqs=8, max_num_batched_tokens=64, max_waiting=8)
+    model = FakeModel(sched.blocks)
+    sched.add(Sequence(0, prompt_of(0, 5), GREEDY))
+    stale = sched.schedule()
+    stale_results = model.step(stale)
+    sched.requeue_all()
+    fresh = sched.schedule()
+    assert sched.complete(stale, stale_results) == []  # from before the failure: dropped
+    assert sched.running[0].in_flight and sched.running[0].output_token_ids == []
+    [seq] = sched.complete(fresh, model.step(fresh))
+    assert seq.output_token_ids == expected_output(prompt_of(0, 5), 1)
+
+
+def test_missing_result_is_an_error_and_changes_nothing():
+    sched = Scheduler(BlockManager(16, 4), max_num_seqs=8, max_num_batched_tokens=64, max_waiting=8)
+    sched.add(Sequence(7, [1, 2], GREEDY))
+    plans = sched.schedule()
+    with pytest.raises(ValueError, match=r"no token for sampling sequences \[7\]"):
+        sched.complete(plans, [])
+    assert sched.running[0].in_flight and sched.running[0].num_computed_tokens == 0
+
+
+# -- randomized ----------------------------------------------------------------------------------------
+
+
+@st.composite
+def scenarios(draw):
+    block_size = draw(st.integers(1, 6))
+    num_blocks = draw(st.integers(2, 24))
+    capacity = num_blocks * block_size
+    n = draw(st.integers(1, 8))
+    requests = []
+    for i in range(n):
+        prompt = draw(st.integers(1, max(1, capacity - 1)))
+        new = draw(st.integers(1, max(1, min(12, capacity - prompt))))
+        arrival = draw(st.integers(0, 15))
+        requests.append((i, prompt, new, arrival))
+    cancels = draw(st.lists(st.tuples(st.integers(0, 40), st.integers(0, n - 1)), max_size=3))
+    return dict(
+        block_size=block_size,
+        num_blocks=num_blocks,
+        max_num_seqs=draw(st.integers(1, 6)),
+        budget=draw(st.integers(1, 24)),
+        depth=draw(st.integers(1, 3)),
+        requests=requests,
+        cancels=cancels,
+        requeue_at=draw(st.none() | st.integers(0, 30)),
+    )
+
+
+@settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios())
+def test_randomized_invariants_and_exact_tokens(sc):
+    d = Driver(sc["num_blocks"], sc["block_size"], sc["max_num_seqs"], sc["budget"], depth=sc["depth"])
+    requests = sorted(sc["requests"], key=lambda r: r[3])  # ids in add() order
+    requests = [(i, prompt, new, arrival) for i, (_, prompt, new, arrival) in enumerate(requests)]
+    cancelled = {}
+    for tick in range(20_000):
+        for i, prompt, new, arrival in requests:
+            if arrival == tick:
+                d.add(i, prompt, new)
+        for at, i in sc["cancels"]:
+            seq = d.sched._seqs.get(i)
+            if at == tick and seq is not None:
+                cancelled[i] = list(seq.output_token_ids)
+                free_before, held = d.sched.blocks.num_free, len(seq.block_table)
+                d.sched.finish(i)
+                assert d.sched.blocks.num_free == free_before + held
+        if tick == sc["requeue_at"]:
+            d.fill()
+            d.sched.requeue_all()
+            d.pending.clear()
+            check_invariants(d.sched)
+        if tick > 15 and not d.sched.has_work and not d.pending:
+            break
+        if d.sched.has_work or d.pending:
+            d.tick()
+    else:
+        raise AssertionError("scheduler made no progress")
+    for i, prompt, new, _ in requests:
+        want = expected_output(prompt_of(i, prompt), new)
+        if i in cancelled:
+            assert want[: len(cancelled[i])] == cancelled[i]
+        else:
+            assert d.outputs[i] == want
+    assert d.sched.blocks.num_free == d.sched.blocks.num_total and d.sched.pop_aborted() == []
