@@ -131,10 +131,10 @@ async def _serve(args) -> None:
     runner = Runner(engine, tokenizer, args.max_num_seqs, args.max_num_batched_tokens, args.max_waiting)
     server = Server(runner, tokenizer, ServerConfig(host=args.host, port=args.port, rope_scaling_mode=args.rope_scaling_mode),
                     Defaults.from_pretrained(config.model_dir), limits, model_name=Path(config.model_dir).name)
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     await server.start()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # after start: ray.init installs handlers of its own
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     print(f"serving {config.model_dir} (tp={config.tensor_parallel_size} pp={config.pipeline_parallel_size}, "
           f"max_model_len={max_len}) on {args.host}:{server.port}; try: qwen2-client --target {args.host}:{server.port} "
           f"generate \"Hello\"", file=sys.stderr, flush=True)

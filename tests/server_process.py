@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -13,15 +14,16 @@ from tests.multiproc import free_port
 
 
 class ServerProcess:
-    def __init__(self, model_dir, *flags: str, tp: int = 2):
+    def __init__(self, model_dir=None, *flags: str, tp: int = 2):
         self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
         exe = Path(sys.executable).parent / "qwen2-cluster"
-        cmd = [str(exe), "serve", "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(self.port),
+        model = ["--model", str(model_dir)] if model_dir else []  # None: the built-in demo checkpoint
+        cmd = [str(exe), "serve", *model, "--host", "127.0.0.1", "--port", str(self.port),
                "--tensor-parallel-size", str(tp), "--rendezvous-host", "127.0.0.1", "--cpus-per-rank", "0.5",
                "--block-size", "4", *flags]
         env = dict(os.environ, GLOO_SOCKET_IFNAME="lo")
-        self.log = open(Path(model_dir).parent / f"server-{self.port}.log", "w+")
+        self.log = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
 
     def health(self) -> int | None:

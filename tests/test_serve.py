@@ -1,0 +1,144 @@
+"""`qwen2-cluster serve` as a process, driven by the SDK and `qwen2-client`: the README's two terminals."""
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from grpc_health.v1 import health_pb2
+
+from qwen2_client import (AsyncClient, Client, DeadlineError, OverloadedError, Qwen2Error, RetryPolicy,
+                          ValidationError)
+from tests.server_process import ServerProcess
+
+
+@pytest.fixture(scope="module")
+def cache_home(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def served(cache_home):
+    """The demo server exactly as the README starts it (no --model), plus test-only loopback flags."""
+    os.environ["XDG_CACHE_HOME"] = str(cache_home)
+    try:
+        server = ServerProcess(None, "--max-waiting", "2", "--max-num-seqs", "2", tp=2)
+        statuses = server.wait_serving()
+        yield server, statuses
+    finally:
+        os.environ.pop("XDG_CACHE_HOME", None)
+        if "server" in locals():
+            server.stop()
+
+
+def test_health_goes_from_not_serving_to_serving(served, cache_home):
+    server, statuses = served
+    assert statuses[-1] == health_pb2.HealthCheckResponse.SERVING
+    assert health_pb2.HealthCheckResponse.NOT_SERVING in statuses  # listening while the engine loaded
+    assert (cache_home / "qwen2-cluster" / "demo-tiny" / "config.json").is_file()
+    assert f"qwen2-client --target {server.target}" in server.output()  # it says how to call it
+
+
+def test_qwen2_client_cli_answers(served):
+    server, _ = served
+    exe = Path(sys.executable).parent / "qwen2-client"
+    out = subprocess.run([str(exe), "--target", server.target, "generate", "Hello", "--max-new-tokens", "5",
+                          "--logprobs", "2", "--json"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert len(result["token_ids"]) == len(result["logprobs"]) <= 5
+    assert result["finish_reason"] in ("length", "eos") and result["usage"]["prompt_tokens"] == 1
+    assert all(len(lp["top"]) == 2 for lp in result["logprobs"])
+    bad = subprocess.run([str(exe), "--target", server.target, "generate", "Hello", "--top-p", "2"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "top_p" in bad.stderr
+
+
+def test_sdk_calls_and_typed_errors(served):
+    server, _ = served
+    with Client(server.target) as client:
+        assert client.health() == "SERVING"
+        info = client.model_info()
+        assert info.tensor_parallel_size == 2
+        result = client.generate("Hello world", max_new_tokens=6, temperature=0, ignore_eos=True)
+        streamed = list(client.generate_stream("Hello world", max_new_tokens=6, temperature=0, ignore_eos=True))
+        assert "".join(d.text for d in streamed) == result.text
+        assert [t for d in streamed for t in d.token_ids] == result.token_ids
+        assert streamed[-1].final.finish_reason == "length" and result.usage.generated_tokens == 6
+        chat = client.chat([{"role": "user", "content": "Hi"}], max_new_tokens=3, ignore_eos=True)
+        assert chat.usage.prompt_tokens == len(client.tokenize(messages=[{"role": "user", "content": "Hi"}]).token_ids)
+        with pytest.raises(ValidationError) as e:
+            client.generate("x", temperature=-1.0, top_p=0.0)
+        assert {f for f, _ in e.value.field_violations} == {"parameters.temperature", "parameters.top_p"}
+        with pytest.raises(DeadlineError):
+            client.generate("x", max_new_tokens=400, ignore_eos=True, timeout=0.3)
+
+
+def test_full_queue_gives_overloaded_and_retries_wait_it_out(served):
+    server, _ = served
+    with Client(server.target, retry=RetryPolicy(max_attempts=1)) as client:
+        # Two running (max_num_seqs=2) and two waiting (max_waiting=2) fill the queue.
+        holders = [client.generate_stream("hold", max_new_tokens=1000, ignore_eos=True) for _ in range(4)]
+        outcomes = []
+
+        def read(stream):
+            try:
+                outcomes.append(sum(1 for _ in stream))
+            except Qwen2Error as e:
+                outcomes.append(type(e))
+
+        readers = [threading.Thread(target=read, args=(h,), daemon=True) for h in holders]
+        for r in readers:
+            r.start()
+            time.sleep(0.3)  # one at a time, so that the first two are running before the others queue
+        time.sleep(0.5)
+        with pytest.raises(OverloadedError):
+            client.generate("one too many", max_new_tokens=2)
+        patient = Client(server.target, retry=RetryPolicy(max_attempts=100, base_delay=0.05, max_delay=0.3))
+        with patient:
+            threading.Timer(1.0, lambda: [h.cancel() for h in holders]).start()
+            assert patient.generate("eventually", max_new_tokens=2, ignore_eos=True).usage.generated_tokens == 2
+        for r in readers:
+            r.join(10)
+    assert OverloadedError not in outcomes  # the four holders fitted: 2 running + 2 waiting
+
+
+def test_async_client(served):
+    server, _ = served
+
+    async def scenario():
+        async with AsyncClient(server.target) as client:
+            results = await asyncio.gather(*(client.generate(f"p{i}", max_new_tokens=4, seed=i, temperature=1.0,
+                                                             ignore_eos=True) for i in range(2)))
+            deltas = [d async for d in client.generate_stream("stream", max_new_tokens=3, ignore_eos=True)]
+            return results, deltas
+
+    results, deltas = asyncio.run(scenario())
+    assert all(r.usage.generated_tokens == 4 for r in results) and deltas[-1].final is not None
+
+
+def test_sigterm_drains_admitted_requests(cache_home, served):
+    server, _ = served  # the demo checkpoint is in the cache already
+    os.environ["XDG_CACHE_HOME"] = str(cache_home)
+    try:
+        drain = ServerProcess(None, "--drain-timeout", "60", tp=1)
+    finally:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    try:
+        drain.wait_serving()
+        with Client(drain.target, retry=RetryPolicy(max_attempts=1)) as client:
+            stream = client.generate_stream("drain me", max_new_tokens=150, ignore_eos=True)
+            first = next(iter(stream))
+            drain.proc.send_signal(signal.SIGTERM)
+            rest = list(stream)
+        assert rest[-1].final.finish_reason == "length"
+        assert len(first.token_ids) + sum(len(d.token_ids) for d in rest) == 150
+        assert drain.proc.wait(60) == 0
+    finally:
+        drain.stop()
