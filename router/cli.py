@@ -129,7 +129,9 @@ async def _serve(args) -> None:
     max_len = min(args.max_model_len or engine.max_model_len, engine.max_model_len)
     limits = Limits(max_model_len=max_len, vocab_size=engine.vocab_size, max_new_tokens=args.max_new_tokens_limit)
     runner = Runner(engine, tokenizer, args.max_num_seqs, args.max_num_batched_tokens, args.max_waiting)
-    server = Server(runner, tokenizer, ServerConfig(host=args.host, port=args.port, rope_scaling_mode=args.rope_scaling_mode),
+    server_config = ServerConfig(host=args.host, port=args.port, max_message_bytes=args.max_message_bytes,
+                                 max_concurrent_rpcs=args.max_concurrent_rpcs, rope_scaling_mode=args.rope_scaling_mode)
+    server = Server(runner, tokenizer, server_config,
                     Defaults.from_pretrained(config.model_dir), limits, model_name=Path(config.model_dir).name)
     await server.start()
     stop = asyncio.Event()
@@ -184,6 +186,8 @@ def main(argv=None) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens in one step at most")
     p.add_argument("--max-waiting", type=int, default=256, help="queued requests before RESOURCE_EXHAUSTED")
     p.add_argument("--max-new-tokens-limit", type=int, default=4096, help="the most max_new_tokens a request may ask")
+    p.add_argument("--max-message-bytes", type=int, default=64 * 2**20, help="largest gRPC message, either way")
+    p.add_argument("--max-concurrent-rpcs", type=int, help="RPCs served at once (default: unbounded)")
     p.add_argument("--rope-scaling-mode", choices=["per-request", "static", "off"], default="per-request")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds admitted requests get on SIGTERM")
     p.set_defaults(run=serve)

@@ -53,6 +53,38 @@ async def _abort(context, code: grpc.StatusCode, message: str, violations=()):
     await context.abort_with_status(rpc_status.to_status(status))
 
 
+async def _internal(context, error: Exception):
+    log.exception("request failed: %s", error)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}); see the server log")
+
+
+def unary_errors(handler):
+    """An unexpected exception becomes INTERNAL (not UNKNOWN), logged here, with no details leaked."""
+
+    async def wrapper(self, request, context):
+        try:
+            return await handler(self, request, context)
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception as e:
+            await _internal(context, e)
+
+    return wrapper
+
+
+def stream_errors(handler):
+    async def wrapper(self, request, context):
+        try:
+            async for item in handler(self, request, context):
+                yield item
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception as e:
+            await _internal(context, e)
+
+    return wrapper
+
+
 class GenerationService(pb_grpc.GenerationServicer):
     def __init__(self, runner: Runner, tokenizer: Tokenizer, defaults: Defaults, limits: Limits,
                  config: ServerConfig, model_name: str):
@@ -144,6 +176,7 @@ class GenerationService(pb_grpc.GenerationServicer):
                                 top=[pb.TopLogprob(token_id=t, logprob=lp) for t, lp in r["top"]]) for r in rows]
 
     # -- RPCs -------------------------------------------------------------------------------------
+    @stream_errors
     async def GenerateStream(self, request, context):
         began = time.monotonic()
         admitted = await self._admit(request, context)
@@ -155,6 +188,7 @@ class GenerationService(pb_grpc.GenerationServicer):
                 out.final.CopyFrom(self._final(admitted, event, began))
             yield out
 
+    @unary_errors
     async def Generate(self, request, context):
         began = time.monotonic()
         admitted = await self._admit(request, context)
@@ -169,6 +203,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         out.text = "".join(text)
         return out
 
+    @unary_errors
     async def Tokenize(self, request, context):
         which = request.WhichOneof("input")
         try:
@@ -184,6 +219,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         return pb.TokenizeResponse(token_ids=ids, tokens=[self.tokenizer.id_to_token(i) or "" for i in ids],
                                    rendered=rendered or "")
 
+    @unary_errors
     async def ModelInfo(self, request, context):
         engine = self.runner.engine
         c = engine.config
