@@ -129,8 +129,13 @@ async def _serve(args) -> None:
     max_len = min(args.max_model_len or engine.max_model_len, engine.max_model_len)
     limits = Limits(max_model_len=max_len, vocab_size=engine.vocab_size, max_new_tokens=args.max_new_tokens_limit)
     runner = Runner(engine, tokenizer, args.max_num_seqs, args.max_num_batched_tokens, args.max_waiting)
+    token = Path(args.auth_token_file).read_text().strip() if args.auth_token_file else os.environ.get("QWEN2_AUTH_TOKEN")
+    if bool(args.tls_cert_file) != bool(args.tls_key_file):
+        raise ValueError("--tls-cert-file and --tls-key-file go together")
     server_config = ServerConfig(host=args.host, port=args.port, max_message_bytes=args.max_message_bytes,
-                                 max_concurrent_rpcs=args.max_concurrent_rpcs, rope_scaling_mode=args.rope_scaling_mode)
+                                 max_concurrent_rpcs=args.max_concurrent_rpcs, rope_scaling_mode=args.rope_scaling_mode,
+                                 tls_cert_file=args.tls_cert_file, tls_key_file=args.tls_key_file,
+                                 tls_client_ca_file=args.tls_client_ca_file, auth_token=token or None)
     server = Server(runner, tokenizer, server_config,
                     Defaults.from_pretrained(config.model_dir), limits, model_name=Path(config.model_dir).name)
     await server.start()
@@ -153,7 +158,8 @@ def serve(args) -> None:
     asyncio.run(_serve(args))
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line (the Helm chart's tests parse its rendered args with it)."""
     parser = argparse.ArgumentParser(prog="qwen2-cluster", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -189,10 +195,18 @@ def main(argv=None) -> None:
     p.add_argument("--max-message-bytes", type=int, default=64 * 2**20, help="largest gRPC message, either way")
     p.add_argument("--max-concurrent-rpcs", type=int, help="RPCs served at once (default: unbounded)")
     p.add_argument("--rope-scaling-mode", choices=["per-request", "static", "off"], default="per-request")
+    p.add_argument("--tls-cert-file", help="PEM certificate chain: serve gRPC over TLS")
+    p.add_argument("--tls-key-file", help="PEM private key of --tls-cert-file")
+    p.add_argument("--tls-client-ca-file", help="PEM CA bundle: require client certificates it signed (mTLS)")
+    p.add_argument("--auth-token-file", help="require `authorization: Bearer <token>` (or set QWEN2_AUTH_TOKEN); "
+                   "health and reflection stay open")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds admitted requests get on SIGTERM")
     p.set_defaults(run=serve)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
     try:
         args.run(args)
     except (ValueError, FileNotFoundError, ModuleNotFoundError, RuntimeError) as e:

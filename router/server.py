@@ -6,14 +6,16 @@ when it fails or drains.
 """
 
 import asyncio
+import hmac
 import logging
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from google.protobuf import any_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
@@ -39,6 +41,39 @@ class ServerConfig:
     max_message_bytes: int = 64 * 2**20
     max_concurrent_rpcs: int | None = None
     rope_scaling_mode: str = "per-request"  # "per-request", "static" (YaRN for all) or "off"
+    tls_cert_file: str | None = None  # PEM certificate chain: serve TLS
+    tls_key_file: str | None = None
+    tls_client_ca_file: str | None = None  # PEM CA: require client certificates signed by it (mTLS)
+    auth_token: str | None = None  # require `authorization: Bearer <token>` (health, reflection exempt)
+
+
+# Open without a token, so probes and tooling work: the standard health and reflection services.
+AUTH_EXEMPT = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
+               "/grpc.reflection.v1.ServerReflection/")
+
+
+class BearerTokenAuth(grpc.aio.ServerInterceptor):
+    """Reject calls without the configured bearer token, compared in constant time."""
+
+    def __init__(self, token: str):
+        self.expected = f"Bearer {token}".encode()
+
+        async def deny(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+        self.deny = grpc.unary_unary_rpc_method_handler(deny)
+
+    async def intercept_service(self, continuation, details):
+        if details.method.startswith(AUTH_EXEMPT):
+            return await continuation(details)
+        given = dict(details.invocation_metadata or ()).get("authorization", "")
+        if hmac.compare_digest(given.encode(), self.expected):
+            return await continuation(details)
+        return self.deny
+
+
+def _read(path: str | None) -> bytes | None:
+    return Path(path).read_bytes() if path else None
 
 
 async def _abort(context, code: grpc.StatusCode, message: str, violations=()):
@@ -249,13 +284,24 @@ class Server:
         self.runner, self.config = runner, config
         options = [("grpc.max_send_message_length", config.max_message_bytes),
                    ("grpc.max_receive_message_length", config.max_message_bytes)]
-        self.grpc = grpc.aio.server(options=options, maximum_concurrent_rpcs=config.max_concurrent_rpcs)
+        interceptors = [BearerTokenAuth(config.auth_token)] if config.auth_token else []
+        self.grpc = grpc.aio.server(options=options, maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+                                    interceptors=interceptors)
         pb_grpc.add_GenerationServicer_to_server(
             GenerationService(runner, tokenizer, defaults, limits, config, model_name), self.grpc)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection([SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], self.grpc)
-        self.port = self.grpc.add_insecure_port(f"{config.host}:{config.port}")
+        address = f"{config.host}:{config.port}"
+        if config.tls_cert_file:
+            credentials = grpc.ssl_server_credentials(
+                [(_read(config.tls_key_file), _read(config.tls_cert_file))],
+                root_certificates=_read(config.tls_client_ca_file),
+                require_client_auth=config.tls_client_ca_file is not None,
+            )
+            self.port = self.grpc.add_secure_port(address, credentials)
+        else:
+            self.port = self.grpc.add_insecure_port(address)
         self._watch: asyncio.Task | None = None
 
     async def _set_health(self, serving: bool) -> None:

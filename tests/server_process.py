@@ -68,7 +68,7 @@ class ServerProcess:
 class InProcessServer:
     """The same server in this process, its event loop on a thread, so tests can inspect the scheduler."""
 
-    def __init__(self, model_dir, tp: int = 2, **runner_limits):
+    def __init__(self, model_dir, tp: int = 2, server_options: dict | None = None, **runner_limits):
         import asyncio
         import threading
 
@@ -90,8 +90,8 @@ class InProcessServer:
 
 
         async def build():  # grpc.aio servers belong to the loop they are created on
-            return Server(self.runner, tokenizer, ServerConfig(port=free_port()), Defaults.from_pretrained(model_dir),
-                          limits, model_name="test")
+            config = ServerConfig(port=free_port(), **(server_options or {}))
+            return Server(self.runner, tokenizer, config, Defaults.from_pretrained(model_dir), limits, model_name="test")
 
         self.server = self.call(build())
         self.target = f"127.0.0.1:{self.server.port}"

@@ -607,40 +607,6 @@ def test_async_client(fake):
     asyncio.run(main())
 
 
-def _openssl(*args, cwd):
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
-
-
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make certificates")
-def test_mutual_tls(tmp_path):
-    d = tmp_path
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
-             "-subj", "/CN=test-ca", cwd=d)
-    (d / "ext.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    for name in ("server", "client"):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                 "-subj", f"/CN={name}", cwd=d)
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                 "-out", f"{name}.pem", "-days", "1", "-extfile", "ext.cnf", cwd=d)
-    creds = grpc.ssl_server_credentials([((d / "server.key").read_bytes(), (d / "server.pem").read_bytes())],
-                                        root_certificates=(d / "ca.pem").read_bytes(), require_client_auth=True)
-    servicer = FakeGeneration()
-    server, port, _ = start_server(servicer, creds)
-    try:
-        with Client(f"localhost:{port}", tls=True, root_certificates=str(d / "ca.pem"),
-                    private_key=(d / "client.key").read_bytes(), certificate_chain=d / "client.pem",
-                    token="t", retry=FAST) as c:
-            assert c.generate("x").text == "ok" and servicer.metadata[-1]["authorization"] == "Bearer t"
-        with Client(f"localhost:{port}", tls=True, root_certificates=str(d / "ca.pem"), retry=FAST) as c:
-            with pytest.raises(Qwen2Error):  # no client certificate: refused
-                c.generate("x", timeout=5)
-        code = cli.main(["--target", f"localhost:{port}", "--ca", str(d / "ca.pem"), "--cert",
-                         str(d / "client.pem"), "--key", str(d / "client.key"), "health"])
-        assert code == 0
-    finally:
-        server.stop(None)
-
-
 def test_public_api_names():
     for name in ("Client", "AsyncClient", "Result", "Delta", "FinalInfo", "Qwen2Error", "ValidationError",
                  "OverloadedError", "UnavailableError", "DeadlineError", "CancelledError", "ServerError",
