@@ -135,7 +135,8 @@ async def _serve(args) -> None:
     server_config = ServerConfig(host=args.host, port=args.port, max_message_bytes=args.max_message_bytes,
                                  max_concurrent_rpcs=args.max_concurrent_rpcs, rope_scaling_mode=args.rope_scaling_mode,
                                  tls_cert_file=args.tls_cert_file, tls_key_file=args.tls_key_file,
-                                 tls_client_ca_file=args.tls_client_ca_file, auth_token=token or None)
+                                 tls_client_ca_file=args.tls_client_ca_file, auth_token=token or None,
+                                 metrics_port=args.metrics_port or None)
     server = Server(runner, tokenizer, server_config,
                     Defaults.from_pretrained(config.model_dir), limits, model_name=Path(config.model_dir).name)
     await server.start()
@@ -187,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics on --host (0: off)")
     p.add_argument("--max-model-len", type=int, help="cap the model's maximum length (prompt + generated)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences in one step at most")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens in one step at most")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from cluster.engine import Engine, EngineError
 from router.detokenizer import IncrementalDetokenizer
+from router.metrics import Metrics
 from router.scheduler import BlockManager, Scheduler, Sequence
 from router.tokenizer import Tokenizer
 from router.validation import ValidRequest
@@ -40,6 +41,7 @@ class Request:
     detokenizer: IncrementalDetokenizer
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     first_token_time: float | None = None
+    last_token_time: float | None = None
     finished: bool = False
 
     @property
@@ -58,8 +60,9 @@ class EngineUnavailable(RuntimeError):
 
 class Runner:
     def __init__(self, engine: Engine, tokenizer: Tokenizer, max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 2048, max_waiting: int = 256):
+                 max_num_batched_tokens: int = 2048, max_waiting: int = 256, metrics: Metrics | None = None):
         self.engine, self.tokenizer = engine, tokenizer
+        self.metrics = metrics or Metrics()
         self.limits = dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                            max_waiting=max_waiting)
         self.scheduler: Scheduler | None = None
@@ -75,6 +78,9 @@ class Runner:
         self.scheduler = Scheduler(BlockManager(self.engine.num_kv_blocks, self.engine.block_size), **self.limits)
         self._loop_task = asyncio.create_task(self._loop())
         self.ready = True
+        c = self.engine.config
+        self.metrics.healthy_shards.set(c.tensor_parallel_size * c.pipeline_parallel_size)
+        self.metrics.on_scheduler(self.scheduler)
 
     async def shutdown(self) -> None:
         self.ready = False
@@ -100,15 +106,22 @@ class Runner:
         self.scheduler.add(seq)
         request = Request(seq, valid, IncrementalDetokenizer(self.tokenizer, valid.stop))
         self.requests[seq.seq_id] = request
+        self.metrics.prompt_tokens.inc(len(prompt_ids))
+        self.metrics.request_prompt_tokens.observe(len(prompt_ids))
         self._wake.set()
         return request
 
-    def cancel(self, request: Request) -> None:
-        """The client went away or gave up: forget the sequence and free its blocks now."""
+    def cancel(self, request: Request, kind: str = "cancelled") -> None:
+        """The client went away or gave up (`kind`: cancelled or deadline): free its blocks now."""
         if not request.finished:
+            self.metrics.failed.labels(kind).inc()
             self._end(request, Event(finish_reason="cancelled"))
 
     def _end(self, request: Request, event: Event) -> None:
+        if event.finish_reason in ("length", "stop", "eos"):
+            seq = request.seq
+            self.metrics.on_finish(seq.arrival_time, seq.first_scheduled_time, request.first_token_time,
+                                   len(seq.output_token_ids), event.finish_reason)
         request.finished = True
         self.requests.pop(request.seq.seq_id, None)
         if self.scheduler is not None:
@@ -120,7 +133,9 @@ class Runner:
         in_flight: list[asyncio.Task] = []
         while True:
             while len(in_flight) < depth:
+                began = time.perf_counter()
                 plans = self.scheduler.schedule()
+                self.metrics.step_phase.labels("schedule").observe(time.perf_counter() - began)
                 for seq in self.scheduler.pop_aborted():  # outgrew the whole KV cache
                     if seq.seq_id in self.requests:
                         self._end(self.requests[seq.seq_id], Event(finish_reason="length"))
@@ -136,28 +151,45 @@ class Runner:
             except EngineError as e:
                 self._fail(e, in_flight)
                 return
+            began = time.perf_counter()
             for seq in self.scheduler.complete(plans, results):
                 request = self.requests.get(seq.seq_id)
                 if request is not None:
                     self._on_token(request, seq, results)
+            self.metrics.step_phase.labels("detokenize").observe(time.perf_counter() - began)
+            self.metrics.on_step(len(plans), sum(len(p.token_ids) for p in plans), self.engine.last_rank_seconds,
+                                 self.engine.config.tensor_parallel_size)
+            self.metrics.on_scheduler(self.scheduler)
 
     async def _step(self, plans):
-        return plans, await self.engine.step(plans)
+        began = time.perf_counter()
+        results = await self.engine.step(plans)
+        self.metrics.step_phase.labels("execute").observe(time.perf_counter() - began)
+        return plans, results
 
     def _fail(self, error: Exception, in_flight: list[asyncio.Task]) -> None:
         """A rank died or timed out: every request in flight ends UNAVAILABLE (recovery is a later issue)."""
         log.error("engine failed: %s", error)
         self.failure = error
+        self.metrics.healthy_shards.set(0)
         for task in in_flight:
             task.cancel()
         for request in list(self.requests.values()):
+            self.metrics.failed.labels("unavailable").inc()
             self._end(request, Event(error=EngineUnavailable(f"the engine failed: {error}")))
 
     def _on_token(self, request: Request, seq: Sequence, results: list[dict]) -> None:
         token = seq.output_token_ids[-1]
         row = next(r for r in results if r["seq_id"] == seq.seq_id)
+        now = time.monotonic()
         if request.first_token_time is None:
-            request.first_token_time = time.monotonic()
+            request.first_token_time = now
+            self.metrics.ttft.observe(now - seq.arrival_time)
+            self.metrics.queue.observe(request.queue_seconds)
+        else:
+            self.metrics.itl.observe(now - request.last_token_time)
+        request.last_token_time = now
+        self.metrics.generation_tokens.inc()
         valid, event = request.valid, Event(token_ids=[token], logprobs=[row])
         if token in valid.stop_token_ids:
             event.finish_reason = "stop"

@@ -45,6 +45,7 @@ class ServerConfig:
     tls_key_file: str | None = None
     tls_client_ca_file: str | None = None  # PEM CA: require client certificates signed by it (mTLS)
     auth_token: str | None = None  # require `authorization: Bearer <token>` (health, reflection exempt)
+    metrics_port: int | None = None  # Prometheus text on http://host:port/metrics; None: off
 
 
 # Open without a token, so probes and tooling work: the standard health and reflection services.
@@ -88,8 +89,9 @@ async def _abort(context, code: grpc.StatusCode, message: str, violations=()):
     await context.abort_with_status(rpc_status.to_status(status))
 
 
-async def _internal(context, error: Exception):
+async def _internal(service, context, error: Exception):
     log.exception("request failed: %s", error)
+    service.runner.metrics.failed.labels("internal").inc()
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}); see the server log")
 
 
@@ -102,7 +104,7 @@ def unary_errors(handler):
         except (grpc.aio.AbortError, asyncio.CancelledError):
             raise
         except Exception as e:
-            await _internal(context, e)
+            await _internal(self, context, e)
 
     return wrapper
 
@@ -115,7 +117,7 @@ def stream_errors(handler):
         except (grpc.aio.AbortError, asyncio.CancelledError):
             raise
         except Exception as e:
-            await _internal(context, e)
+            await _internal(self, context, e)
 
     return wrapper
 
@@ -168,17 +170,23 @@ class GenerationService(pb_grpc.GenerationServicer):
         return ORIGINAL
 
     async def _admit(self, request, context) -> Request:
+        failed = self.runner.metrics.failed
+        self.runner.metrics.received.inc()
         try:
             prompt, _ = self._prompt(request)
             valid = validate_parameters(request.parameters, len(prompt), self.defaults, self.limits)
             return self.runner.submit(prompt, valid, self._rope_variant(len(prompt) + valid.max_new_tokens))
         except RequestError as e:
+            failed.labels("validation").inc()
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e), e.violations)
         except QueueFullError as e:
+            failed.labels("overloaded").inc()
             await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except EngineUnavailable as e:
+            failed.labels("unavailable").inc()
             await _abort(context, grpc.StatusCode.UNAVAILABLE, str(e))
         except ValueError as e:  # e.g. a prompt longer than the whole KV cache
+            failed.labels("validation").inc()
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e), [("input", str(e))])
 
     async def _events(self, request: Request, context):
@@ -192,7 +200,8 @@ class GenerationService(pb_grpc.GenerationServicer):
                 if event.finish_reason is not None:
                     return
         finally:
-            self.runner.cancel(request)
+            remaining = context.time_remaining()
+            self.runner.cancel(request, "deadline" if remaining is not None and remaining <= 0 else "cancelled")
 
     def _final(self, request: Request, event: Event, began: float) -> pb.FinalInfo:
         seq = request.seq
@@ -281,7 +290,7 @@ class Server:
 
     def __init__(self, runner: Runner, tokenizer: Tokenizer, config: ServerConfig, defaults: Defaults,
                  limits: Limits, model_name: str):
-        self.runner, self.config = runner, config
+        self.runner, self.config, self.model_name = runner, config, model_name
         options = [("grpc.max_send_message_length", config.max_message_bytes),
                    ("grpc.max_receive_message_length", config.max_message_bytes)]
         interceptors = [BearerTokenAuth(config.auth_token)] if config.auth_token else []
@@ -311,6 +320,12 @@ class Server:
 
     async def start(self) -> None:
         await self._set_health(False)
+        metrics, engine = self.runner.metrics, self.runner.engine
+        if self.config.metrics_port is not None:
+            metrics.serve(self.config.host, self.config.metrics_port)
+        c = engine.config
+        metrics.set_model(self.model_name, c.tensor_parallel_size, c.pipeline_parallel_size,
+                          str(c.dtype or engine.model.dtype).replace("torch.", ""), c.device, _version())
         await self.grpc.start()
         log.info("gRPC listening on %s:%d (NOT_SERVING until the engine is up)", self.config.host, self.port)
         await self.runner.start()

@@ -21,7 +21,7 @@ class ServerProcess:
         model = ["--model", str(model_dir)] if model_dir else []  # None: the built-in demo checkpoint
         cmd = [str(exe), "serve", *model, "--host", "127.0.0.1", "--port", str(self.port),
                "--tensor-parallel-size", str(tp), "--rendezvous-host", "127.0.0.1", "--cpus-per-rank", "0.5",
-               "--block-size", "4", *flags]
+               "--block-size", "4", "--metrics-port", str(free_port()), *flags]
         env = dict(os.environ, GLOO_SOCKET_IFNAME="lo")
         self.log = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
