@@ -127,6 +127,9 @@ async def _serve(args) -> None:
     engine = Engine(config)
     tokenizer = Tokenizer.from_pretrained(config.model_dir)
     max_len = min(args.max_model_len or engine.max_model_len, engine.max_model_len)
+    scaling = engine.model.rope_scaling
+    if args.rope_scaling_mode == "off" and scaling is not None:  # no scaling: only the original window works
+        max_len = min(max_len, scaling.original_max_position_embeddings)
     limits = Limits(max_model_len=max_len, vocab_size=engine.vocab_size, max_new_tokens=args.max_new_tokens_limit)
     runner = Runner(engine, tokenizer, args.max_num_seqs, args.max_num_batched_tokens, args.max_waiting)
     token = Path(args.auth_token_file).read_text().strip() if args.auth_token_file else os.environ.get("QWEN2_AUTH_TOKEN")

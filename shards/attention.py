@@ -32,6 +32,11 @@ def _visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> to
     return allowed
 
 
+# A masked prefill chunk is attended in blocks of this many queries, so the mask is at most
+# QUERY_BLOCK x context, never chunk x context (a 100K-token context stays within memory).
+QUERY_BLOCK = 512
+
+
 def torch_paged_attention(q, cache, batch: StepBatch, scale: float, window: int | None) -> torch.Tensor:
     """q [T, heads, head_dim] (already rotated, its K/V already written) -> [T, heads, head_dim]."""
     out = torch.empty_like(q)
@@ -41,13 +46,19 @@ def torch_paged_attention(q, cache, batch: StepBatch, scale: float, window: int 
         k = k_cache[p.block_table].flatten(0, 1)[:ctx].transpose(0, 1)[None]
         v = v_cache[p.block_table].flatten(0, 1)[:ctx].transpose(0, 1)[None]
         qs = q[p.first : p.first + p.count].transpose(0, 1)[None]
-        if p.start == 0 and window is None:
+        if p.start == 0 and window is None:  # fused causal kernel: no mask materialised at all
             o = F.scaled_dot_product_attention(qs, k, v, is_causal=True, scale=scale, enable_gqa=True)
-        else:
-            q_pos = torch.arange(p.start, ctx, device=q.device)[:, None]
-            mask = _visible(q_pos, torch.arange(ctx, device=q.device)[None, :], window)
-            o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-        out[p.first : p.first + p.count] = o[0].transpose(0, 1)
+            out[p.first : p.first + p.count] = o[0].transpose(0, 1)
+            continue
+        k_pos = torch.arange(ctx, device=q.device)[None, :]
+        for first in range(0, p.count, QUERY_BLOCK):
+            n = min(QUERY_BLOCK, p.count - first)
+            q_pos = torch.arange(p.start + first, p.start + first + n, device=q.device)[:, None]
+            visible = int(q_pos[-1]) + 1  # keys past the block's last query are masked anyway: skip them
+            mask = _visible(q_pos, k_pos[:, :visible], window)
+            o = F.scaled_dot_product_attention(qs[:, :, first : first + n], k[:, :, :visible], v[:, :, :visible],
+                                               attn_mask=mask, scale=scale, enable_gqa=True)
+            out[p.first + first : p.first + first + n] = o[0].transpose(0, 1)
     if batch.decode_rows.numel():
         rows, lens, tables = batch.decode_rows, batch.decode_context_lens, batch.decode_block_tables
         k = k_cache[tables].flatten(1, 2).transpose(1, 2)  # [D, kv_heads, L, head_dim]
