@@ -68,7 +68,8 @@ class ServerProcess:
 class InProcessServer:
     """The same server in this process, its event loop on a thread, so tests can inspect the scheduler."""
 
-    def __init__(self, model_dir, tp: int = 2, server_options: dict | None = None, **runner_limits):
+    def __init__(self, model_dir, tp: int = 2, server_options: dict | None = None, engine_options: dict | None = None,
+                 **runner_limits):
         import asyncio
         import threading
 
@@ -82,8 +83,8 @@ class InProcessServer:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        engine = Engine(engine_config(model_dir, tp, max_num_blocks=None, kv_cache_bytes=8 * 2**20,
-                                      cpus_per_rank=0.5))
+        engine = Engine(engine_config(model_dir, tp, **({"max_num_blocks": None, "kv_cache_bytes": 8 * 2**20,
+                                                         "cpus_per_rank": 0.5} | (engine_options or {}))))
         tokenizer = Tokenizer.from_pretrained(model_dir)
         self.runner = Runner(engine, tokenizer, **runner_limits)
         limits = Limits(max_model_len=engine.max_model_len, vocab_size=engine.vocab_size, max_new_tokens=512)

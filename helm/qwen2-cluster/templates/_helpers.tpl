@@ -332,7 +332,7 @@ exec:
 
 {{- define "qwen2-cluster.routerProbes" -}}
 {{- $h := .Values.head }}
-{{- $handler := include "qwen2-cluster.routerProbeHandler" . }}
+{{- $handler := include "qwen2-cluster.routerProbeHandler" . | trim }}
 {{- $window := add (int .Values.serve.placementTimeoutSeconds) (int $h.startupProbe.loadSeconds) }}
 {{- $period := int $h.startupProbe.periodSeconds }}
 startupProbe:
@@ -352,16 +352,27 @@ livenessProbe:
   failureThreshold: {{ $h.livenessProbe.failureThreshold }}
 {{- end }}
 
-{{/* Worker liveness on the local raylet (through the node's dashboard agent, bound to the pod IP). */}}
-{{- define "qwen2-cluster.rayletLivenessProbe" -}}
+{{/* Probes of a Ray-only container on its local raylet: the node's dashboard agent (bound to the pod IP) answers
+/api/local_raylet_healthz with 200 only while its raylet is alive. Liveness restarts a wedged node; readiness
+keeps a node that lost its raylet out of the endpoints. (KubeRay's own check, without needing wget.) */}}
+{{- define "qwen2-cluster.rayletProbes" -}}
+{{- $p := .Values.worker.rayletProbe }}
 livenessProbe:
   httpGet:
     path: /api/local_raylet_healthz
     port: {{ int .Values.ray.ports.dashboardAgentListen }}
-  initialDelaySeconds: {{ .Values.worker.livenessProbe.initialDelaySeconds }}
-  periodSeconds: {{ .Values.worker.livenessProbe.periodSeconds }}
-  timeoutSeconds: {{ .Values.worker.livenessProbe.timeoutSeconds }}
-  failureThreshold: {{ .Values.worker.livenessProbe.failureThreshold }}
+  initialDelaySeconds: {{ $p.initialDelaySeconds }}
+  periodSeconds: {{ $p.periodSeconds }}
+  timeoutSeconds: {{ $p.timeoutSeconds }}
+  failureThreshold: {{ $p.failureThreshold }}
+readinessProbe:
+  httpGet:
+    path: /api/local_raylet_healthz
+    port: {{ int .Values.ray.ports.dashboardAgentListen }}
+  initialDelaySeconds: 5
+  periodSeconds: {{ $p.periodSeconds }}
+  timeoutSeconds: {{ $p.timeoutSeconds }}
+  failureThreshold: 3
 {{- end }}
 
 {{/* Router-only volumes (TLS, client CA, probe client certificate, auth token) and their mounts. */}}
@@ -469,31 +480,16 @@ tolerations:
   {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- $anti := default "none" .role.podAntiAffinity }}
-{{- if or .role.affinity (ne $anti "none") }}
+{{- $affinity := deepCopy (default dict .role.affinity) }}
+{{- $mine := dict "topologyKey" "kubernetes.io/hostname" "labelSelector" (dict "matchLabels" (fromYaml (include "qwen2-cluster.componentSelectorLabels" (dict "ctx" .ctx "component" .component)))) }}
+{{- if eq $anti "hard" }}
+{{- $_ := set $affinity "podAntiAffinity" (dict "requiredDuringSchedulingIgnoredDuringExecution" (list $mine)) }}
+{{- else if eq $anti "soft" }}
+{{- $_ := set $affinity "podAntiAffinity" (dict "preferredDuringSchedulingIgnoredDuringExecution" (list (dict "weight" 100 "podAffinityTerm" $mine))) }}
+{{- end }}
+{{- with $affinity }}
 affinity:
-  {{- with .role.affinity }}
-  {{- toYaml (omit . "podAntiAffinity") | nindent 2 }}
-  {{- end }}
-  {{- if eq $anti "hard" }}
-  podAntiAffinity:
-    requiredDuringSchedulingIgnoredDuringExecution:
-      - topologyKey: kubernetes.io/hostname
-        labelSelector:
-          matchLabels:
-            {{- include "qwen2-cluster.componentSelectorLabels" (dict "ctx" .ctx "component" .component) | nindent 12 }}
-  {{- else if eq $anti "soft" }}
-  podAntiAffinity:
-    preferredDuringSchedulingIgnoredDuringExecution:
-      - weight: 100
-        podAffinityTerm:
-          topologyKey: kubernetes.io/hostname
-          labelSelector:
-            matchLabels:
-              {{- include "qwen2-cluster.componentSelectorLabels" (dict "ctx" .ctx "component" .component) | nindent 14 }}
-  {{- else if and .role.affinity .role.affinity.podAntiAffinity }}
-  podAntiAffinity:
-    {{- toYaml .role.affinity.podAntiAffinity | nindent 4 }}
-  {{- end }}
+  {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- with .role.topologySpreadConstraints }}
 topologySpreadConstraints:
