@@ -48,7 +48,8 @@ class Metrics:
         self.preemptions = Counter("qwen2_preemptions", "Sequences preempted (recomputed later) for KV blocks",
                                    registry=r)
         self.kv_used = Gauge("qwen2_kv_cache_blocks_used", "KV cache blocks in use", registry=r)
-        self.kv_total = Gauge("qwen2_kv_cache_blocks_total", "KV cache blocks", registry=r)
+        # Not *_total: promtool reserves that suffix for counters.
+        self.kv_total = Gauge("qwen2_kv_cache_blocks_capacity", "KV cache blocks", registry=r)
         self.kv_usage = Gauge("qwen2_kv_cache_usage_ratio", "KV cache blocks in use / total", registry=r)
         self.step_phase = Histogram("qwen2_step_phase_seconds", "Engine loop time by phase (schedule, execute, "
                                     "detokenize)", ["phase"], buckets=LATENCY_BUCKETS, registry=r)
@@ -62,6 +63,10 @@ class Metrics:
                           ["model", "tensor_parallel_size", "pipeline_parallel_size", "dtype", "device", "version"],
                           registry=r)
         self._preemptions_seen = 0
+        for kind in ("validation", "overloaded", "cancelled", "deadline", "unavailable", "internal"):
+            self.failed.labels(kind)  # present from the start, so rate() counts each kind's first event
+        for reason in ("length", "stop", "eos"):
+            self.finished.labels(reason)
 
     def serve(self, host: str, port: int) -> None:
         start_http_server(port, addr=host, registry=self.registry)
