@@ -15,7 +15,7 @@ from qwen2_client import Client, RetryPolicy, ValidationError
 from shards.batch import SeqPlan
 from shards.checkpoint import preset_config, write_random_checkpoint
 from shards.parallel import ParallelGroups
-from shards.rope import ORIGINAL, SCALED
+from shards.rope import SCALED
 from shards.sampling import SamplingParams
 from shards.worker import ShardWorker
 from tests.server_process import InProcessServer
