@@ -60,8 +60,13 @@ class EngineUnavailable(RuntimeError):
 
 class Runner:
     def __init__(self, engine: Engine, tokenizer: Tokenizer, max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 2048, max_waiting: int = 256, metrics: Metrics | None = None):
+                 max_num_batched_tokens: int = 2048, max_waiting: int = 256, metrics: Metrics | None = None,
+                 prefill_latency_factor: float = 2.0):
         self.engine, self.tokenizer = engine, tokenizer
+        # A step that carries prompt chunks beside decodes may take at most this many times a decode-only
+        # step (0: off): the prefill budget adapts to it (halve when over, grow slowly when under).
+        self.prefill_latency_factor = prefill_latency_factor
+        self._decode_step_s: float | None = None
         self.metrics = metrics or Metrics()
         self.limits = dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                            max_waiting=max_waiting)
@@ -76,6 +81,8 @@ class Runner:
     async def start(self) -> None:
         await self.engine.start()
         self.scheduler = Scheduler(BlockManager(self.engine.num_kv_blocks, self.engine.block_size), **self.limits)
+        if self.prefill_latency_factor > 0:  # start cautious beside decodes; it grows while steps stay fast
+            self.scheduler.prefill_budget = min(256, self.scheduler.max_num_batched_tokens)
         self._loop_task = asyncio.create_task(self._loop())
         self.ready = True
         c = self.engine.config
@@ -164,8 +171,28 @@ class Runner:
     async def _step(self, plans):
         began = time.perf_counter()
         results = await self.engine.step(plans)
-        self.metrics.step_phase.labels("execute").observe(time.perf_counter() - began)
+        seconds = time.perf_counter() - began
+        self.metrics.step_phase.labels("execute").observe(seconds)
+        self._adapt_prefill_budget(plans, seconds)
         return plans, results
+
+    def _adapt_prefill_budget(self, plans, seconds: float) -> None:
+        """Keep steps that mix prompt chunks with decodes near `prefill_latency_factor` x a decode step."""
+        if self.prefill_latency_factor <= 0:
+            return
+        prefill = sum(len(p.token_ids) for p in plans if len(p.token_ids) > 1)
+        decodes = len(plans) - sum(1 for p in plans if len(p.token_ids) > 1)
+        if not prefill:
+            self._decode_step_s = seconds if self._decode_step_s is None else 0.8 * self._decode_step_s + 0.2 * seconds
+            return
+        if not decodes or self._decode_step_s is None:
+            return
+        s, ceiling = self.scheduler, self.scheduler.max_num_batched_tokens
+        target = self.prefill_latency_factor * self._decode_step_s
+        if seconds > target:  # cut in proportion to the overshoot, with a margin
+            s.prefill_budget = max(16, int(min(s.prefill_budget, prefill) * 0.8 * target / seconds))
+        else:
+            s.prefill_budget = min(ceiling, s.prefill_budget + max(16, s.prefill_budget // 4))
 
     def _fail(self, error: Exception, in_flight: list[asyncio.Task]) -> None:
         """A rank died or timed out: every request in flight ends UNAVAILABLE (recovery is a later issue)."""

@@ -118,6 +118,9 @@ class Scheduler:
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        # Prompt tokens one step may carry (<= max_num_batched_tokens). The runner lowers it while decodes
+        # share the step, so a long prefill cannot stretch everyone's inter-token latency.
+        self.prefill_budget = max_num_batched_tokens
         self.max_waiting = max_waiting
         self.waiting: list[Sequence] = []  # sorted by age: FCFS order
         self.running: list[Sequence] = []  # sorted by age: holds blocks, possibly in flight
@@ -164,6 +167,8 @@ class Scheduler:
     def schedule(self) -> list[SeqPlan]:
         """The next step's plans ([] when nothing can run now); marks each planned sequence in flight."""
         budget = self.max_num_batched_tokens
+        decoding = any(s.num_tokens - s.num_computed_tokens == 1 and not s.in_flight for s in self.running)
+        prefill_budget = self.prefill_budget if decoding else budget  # nobody to keep waiting: go full speed
         plans: list[SeqPlan] = []
         preempted = False
         for seq in list(self.running):  # a snapshot: preemption removes from self.running
@@ -182,17 +187,24 @@ class Scheduler:
             if seq.status is not SeqStatus.RUNNING or self._room(seq) == 0:
                 continue
             # A prefill chunk shrinks to the free blocks rather than preempting anyone.
-            chunk = min(seq.num_tokens - seq.num_computed_tokens, budget, self._room(seq))
+            left = seq.num_tokens - seq.num_computed_tokens
+            chunk = min(left, budget, self._room(seq), left if left == 1 else prefill_budget)
+            if chunk == 0:
+                continue
             self._grow(seq, chunk)
             plans.append(self._plan(seq, chunk))
             budget -= chunk
+            prefill_budget -= chunk if left > 1 else 0
 
         # Admission. Not in a step that had to preempt: the cache is full and the preempted would thrash.
         while not preempted and self.waiting and budget and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if self._drop_if_unfittable(seq):
                 continue
-            chunk = min(seq.num_tokens, budget)  # a smaller first chunk rather than waiting for budget
+            # A smaller first chunk rather than waiting for budget.
+            chunk = min(seq.num_tokens, budget, seq.num_tokens if seq.num_tokens == 1 else prefill_budget)
+            if chunk == 0:
+                break
             if self.blocks.blocks_for(chunk) > self.blocks.num_free:
                 break  # FCFS: nobody overtakes the head of the queue
             self.waiting.pop(0)
@@ -201,6 +213,7 @@ class Scheduler:
             self._grow(seq, chunk)
             plans.append(self._plan(seq, chunk))
             budget -= chunk
+            prefill_budget -= chunk if seq.num_tokens > 1 else 0
         return plans
 
     def complete(self, plans: list[SeqPlan], results: list[dict]) -> list[Sequence]:

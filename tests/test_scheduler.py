@@ -250,6 +250,19 @@ def test_chunked_prefill_interleaves_with_decodes():
     assert outputs == {i: expected_output(prompt_of(i, n), m) for i, n, m in [(0, 3, 10), (1, 20, 2)]}
 
 
+def test_prefill_budget_limits_prompt_chunks_only_beside_decodes():
+    d = Driver(num_blocks=64, block_size=4, max_num_seqs=8, budget=8)
+    d.sched.prefill_budget = 3
+    d.add(0, prompt_len=6, max_new=10)
+    d.tick()  # nobody decodes yet: the whole budget goes to the prompt
+    assert [(p.seq_id, len(p.token_ids)) for p in d.steps[-1]] == [(0, 6)]
+    d.add(1, prompt_len=20, max_new=2)
+    d.tick()
+    d.tick()
+    assert [[(p.seq_id, len(p.token_ids)) for p in s] for s in d.steps[-2:]] == [[(0, 1), (1, 3)], [(0, 1), (1, 3)]]
+    assert d.run() == {i: expected_output(prompt_of(i, n), m) for i, n, m in [(0, 6, 10), (1, 20, 2)]}
+
+
 def test_sampling_plan_fields():
     sched = Scheduler(BlockManager(16, 4), max_num_seqs=8, max_num_batched_tokens=64, max_waiting=8)
     model = FakeModel(sched.blocks)
