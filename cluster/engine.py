@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 PASSED_ENV = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "NCCL_DEBUG", "NCCL_IB_DISABLE", "NCCL_P2P_DISABLE")
 
 
+# While a step runs longer than this, every rank is probed this often; a probe waits this long for answers.
+PROBE_INTERVAL_S, PROBE_TIMEOUT_S = 1.0, 30.0
+
+
 class EngineError(RuntimeError):
     """A step could not complete: a rank died, timed out or raised. The engine must be restarted."""
 
@@ -143,9 +147,13 @@ class Engine:
         blocks = budget // info["kv_block_bytes"]
         return min(blocks, c.max_num_blocks) if c.max_num_blocks else blocks
 
-    async def shutdown(self) -> None:
-        """Stop every rank and free its placement; safe to call twice and after a failure."""
+    async def shutdown(self, stop_ray: bool = True) -> None:
+        """Stop every rank and free its placement; safe to call twice and after a failure.
+
+        `stop_ray=False` keeps a Ray cluster this engine started, for a restart."""
         failed, self.healthy = not self.healthy, False
+        if failed:  # a survivor may be stuck in a collective with the dead rank, and teardown would wait on it
+            self._kill_actors()
         if self.dag is not None:
             # After a failure a dead rank makes Ray log the teardown's tracebacks; the error was already raised.
             dag_log = logging.getLogger("ray.dag.compiled_dag_node")
@@ -158,18 +166,34 @@ class Engine:
             finally:
                 dag_log.setLevel(level)
             self.dag = None
-        for actor in self.actors:
-            ray.kill(actor)
-        self.actors = []
+        self._kill_actors()
         release(self.placement)
         self.placement = []
-        if self.started_ray:
+        if self.started_ray and stop_ray:
             ray.shutdown()
             self.started_ray = False
 
+    def _kill_actors(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+
     async def restart(self) -> None:
-        await self.shutdown()
-        await self.start()
+        """New actors, a new process group, weights reloaded; the Ray cluster stays up."""
+        await self.shutdown(stop_ray=False)
+        started_ray, self.started_ray = self.started_ray, False  # so that a failed start leaves Ray up
+        try:
+            await self.start()
+        finally:
+            self.started_ray = started_ray
+
+    async def probe(self) -> None:
+        """EngineError if a rank died (a plain call each; ranks answer it beside the step graph)."""
+        try:
+            await asyncio.wait_for(asyncio.gather(*(a.node_id.remote() for a in self.actors)), PROBE_TIMEOUT_S)
+        except Exception as e:
+            self.healthy = False
+            raise EngineError(f"rank probe failed: {type(e).__name__}: {e}") from e
 
     # -- the step ---------------------------------------------------------------------------------
     async def step(self, seqs: list[SeqPlan]) -> list[dict]:
@@ -184,7 +208,7 @@ class Engine:
                     pending = await self.dag.execute_async(seqs)
                 else:
                     pending = [a.execute.remote(seqs) for a in self.actors]
-            results = await asyncio.wait_for(self._gather(pending), self.config.step_timeout_s)
+            results = await asyncio.wait_for(self._gather_probing(pending), self.config.step_timeout_s)
         except asyncio.TimeoutError:
             self.healthy = False
             raise EngineError(f"step did not complete within step_timeout_s={self.config.step_timeout_s:g}") from None
@@ -194,6 +218,21 @@ class Engine:
         self.last_rank_seconds = [seconds for _, seconds in results]
         return results[self.driver][0]
 
+    async def _gather_probing(self, pending) -> list:
+        """The ranks' results; a step that runs long probes the ranks meanwhile, because the survivors of a
+        dead rank wait in a collective until its timeout before the step itself would fail."""
+        gather = asyncio.ensure_future(self._gather(pending))
+        try:
+            while not (await asyncio.wait([gather], timeout=PROBE_INTERVAL_S))[0]:
+                await self.probe()
+            return gather.result()
+        finally:
+            gather.cancel()  # on a failed probe or the step timeout; a no-op once done
+
     @staticmethod
     async def _gather(pending) -> list:
-        return [await p for p in pending]
+        results = [await p for p in pending]
+        for r in results:  # a graph torn down under a dead rank hands its channel error back as a value
+            if isinstance(r, Exception):
+                raise r
+        return results

@@ -132,7 +132,7 @@ async def _serve(args) -> None:
         max_len = min(max_len, scaling.original_max_position_embeddings)
     limits = Limits(max_model_len=max_len, vocab_size=engine.vocab_size, max_new_tokens=args.max_new_tokens_limit)
     runner = Runner(engine, tokenizer, args.max_num_seqs, args.max_num_batched_tokens, args.max_waiting,
-                    prefill_latency_factor=args.prefill_latency_factor)
+                    prefill_latency_factor=args.prefill_latency_factor, max_restarts=args.max_engine_restarts)
     token = Path(args.auth_token_file).read_text().strip() if args.auth_token_file else os.environ.get("QWEN2_AUTH_TOKEN")
     if bool(args.tls_cert_file) != bool(args.tls_key_file):
         raise ValueError("--tls-cert-file and --tls-key-file go together")
@@ -198,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens in one step at most")
     p.add_argument("--prefill-latency-factor", type=float, default=2.0,
                    help="steps that prefill beside decodes may take this many decode steps (0: fixed budget)")
+    p.add_argument("--max-engine-restarts", type=int, default=3,
+                   help="engine failures in a row it is rebuilt after, before requests end UNAVAILABLE")
     p.add_argument("--max-waiting", type=int, default=256, help="queued requests before RESOURCE_EXHAUSTED")
     p.add_argument("--max-new-tokens-limit", type=int, default=4096, help="the most max_new_tokens a request may ask")
     p.add_argument("--max-message-bytes", type=int, default=64 * 2**20, help="largest gRPC message, either way")

@@ -1,6 +1,8 @@
 """The engine loop: schedule a step, run it on the cluster, turn sampled tokens into per-request events.
 
-The router owns every sequence's tokens (the scheduler's `Sequence`); the engine only computes. Up to
+The router owns every sequence's tokens (the scheduler's `Sequence`); the engine only computes, so when a
+rank dies or a step times out nothing is lost: the engine is rebuilt, every sequence is recomputed from its
+tokens and its stream goes on after a pause. Up to
 `pipeline_parallel_size` steps are in flight at once, each over sequences the others do not hold, so
 pipeline stages overlap. Each request reads its events from its own queue; a request whose reader goes
 away is cancelled and its KV blocks are freed at once.
@@ -61,8 +63,14 @@ class EngineUnavailable(RuntimeError):
 class Runner:
     def __init__(self, engine: Engine, tokenizer: Tokenizer, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 2048, max_waiting: int = 256, metrics: Metrics | None = None,
-                 prefill_latency_factor: float = 2.0):
+                 prefill_latency_factor: float = 2.0, max_restarts: int = 3, restart_backoff_s: float = 1.0,
+                 probe_interval_s: float = 5.0):
         self.engine, self.tokenizer = engine, tokenizer
+        # Engine failures in a row (a completed step resets it) after which in-flight requests end UNAVAILABLE.
+        self.max_restarts, self.restart_backoff_s = max_restarts, restart_backoff_s
+        self.probe_interval_s = probe_interval_s  # while idle, an empty step this often finds a dead rank
+        self._failures_in_row = 0
+        self.recovering = False
         # A step that carries prompt chunks beside decodes may take at most this many times a decode-only
         # step (0: off): the prefill budget adapts to it (halve when over, grow slowly when under).
         self.prefill_latency_factor = prefill_latency_factor
@@ -104,6 +112,11 @@ class Runner:
     @property
     def idle(self) -> bool:
         return not self.requests
+
+    @property
+    def serving(self) -> bool:
+        """What health reports: admitting and the engine up (not failed, not being rebuilt)."""
+        return self.ready and self.failure is None and not self.recovering
 
     def submit(self, prompt_ids: list[int], valid: ValidRequest, rope_variant: int = 0) -> Request:
         """Admit a request (QueueFullError when the waiting queue is full)."""
@@ -149,15 +162,17 @@ class Runner:
                 if not plans:
                     break
                 in_flight.append(asyncio.create_task(self._step(plans)))
-            if not in_flight:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
             try:
+                if not in_flight:
+                    await self._idle()
+                    continue
                 plans, results = await in_flight.pop(0)  # steps finish in the order they were submitted
             except EngineError as e:
-                self._fail(e, in_flight)
-                return
+                if not await self._recover(e, in_flight):
+                    return
+                in_flight = []
+                continue
+            self._failures_in_row = 0
             began = time.perf_counter()
             for seq in self.scheduler.complete(plans, results):
                 request = self.requests.get(seq.seq_id)
@@ -194,13 +209,53 @@ class Runner:
         else:
             s.prefill_budget = min(ceiling, s.prefill_budget + max(16, s.prefill_budget // 4))
 
-    def _fail(self, error: Exception, in_flight: list[asyncio.Task]) -> None:
-        """A rank died or timed out: every request in flight ends UNAVAILABLE (recovery is a later issue)."""
-        log.error("engine failed: %s", error)
-        self.failure = error
+    async def _idle(self) -> None:
+        """Wait for work; probe the ranks every probe_interval_s meanwhile (EngineError if one is dead)."""
+        self._wake.clear()
+        try:
+            await asyncio.wait_for(self._wake.wait(), self.probe_interval_s)
+        except asyncio.TimeoutError:
+            await self.engine.probe()
+
+    async def _recover(self, error: Exception, in_flight: list[asyncio.Task]) -> bool:
+        """Rebuild the engine and requeue every sequence, to be recomputed from its tokens; its stream
+        pauses. False once max_restarts failures came in a row: then every request ends UNAVAILABLE."""
+        log.error("engine failed: %s; rebuilding it", error)
+        began = time.perf_counter()
+        self.recovering = True
         self.metrics.healthy_shards.set(0)
         for task in in_flight:
             task.cancel()
+        await asyncio.gather(*in_flight, return_exceptions=True)
+        self.scheduler.requeue_all()  # their steps' results, if any still come, are dropped
+        while True:
+            self._failures_in_row += 1
+            if self._failures_in_row > self.max_restarts:
+                self._fail(error)
+                return False
+            try:
+                await self.engine.restart()
+                break
+            except Exception as e:
+                error = e
+                log.error("engine rebuild %d of %d failed: %s", self._failures_in_row, self.max_restarts, e)
+                await asyncio.sleep(self.restart_backoff_s * 2 ** (self._failures_in_row - 1))
+        c = self.engine.config
+        if self.engine.num_kv_blocks != self.scheduler.blocks.num_total:  # nothing holds a block now
+            self.scheduler.blocks = BlockManager(self.engine.num_kv_blocks, self.engine.block_size)
+        self.metrics.restarts.inc(c.tensor_parallel_size * c.pipeline_parallel_size)
+        self.metrics.healthy_shards.set(c.tensor_parallel_size * c.pipeline_parallel_size)
+        self.recovering = False
+        log.warning("engine rebuilt %.1fs after the failure; %d sequences requeued", time.perf_counter() - began,
+                    self.scheduler.num_waiting)
+        return True
+
+    def _fail(self, error: Exception) -> None:
+        """Recovery gave up: every request ends UNAVAILABLE and health stays NOT_SERVING."""
+        log.error("engine failed for good: %s", error)
+        self.failure = error
+        self.recovering = False
+        self.metrics.healthy_shards.set(0)
         for request in list(self.requests.values()):
             self.metrics.failed.labels("unavailable").inc()
             self._end(request, Event(error=EngineUnavailable(f"the engine failed: {error}")))

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 FINISH = {"length": pb.FINISH_REASON_LENGTH, "stop": pb.FINISH_REASON_STOP, "eos": pb.FINISH_REASON_EOS,
           "cancelled": pb.FINISH_REASON_CANCELLED}
+CHAT_MESSAGE_CHARS = 32  # what one chat message counts toward max_input_chars beyond its role and content
 
 
 @dataclass
@@ -95,11 +97,49 @@ async def _internal(service, context, error: Exception):
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}); see the server log")
 
 
+class Malformed:
+    """A request that did not parse (corrupt wire format, invalid UTF-8 in a string field)."""
+
+    def __init__(self, message_class, error: DecodeError):
+        self.message = f"the request is not a valid {message_class.DESCRIPTOR.full_name}: {error}"
+
+
+def _parse(message_class):
+    """A request deserializer that never raises: gRPC answers a deserializer's exception with UNKNOWN,
+    but bytes that are not the message are the caller's error, so the handler answers INVALID_ARGUMENT."""
+
+    def parse(data: bytes):
+        try:
+            return message_class.FromString(data)
+        except DecodeError as e:
+            return Malformed(message_class, e)
+
+    return parse
+
+
+def add_generation_service(service: "GenerationService", server) -> None:
+    """The generated add_GenerationServicer_to_server, with deserializers that let handlers refuse bad bytes."""
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["Generation"].methods:
+        kind = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = kind(getattr(service, method.name),
+                                     request_deserializer=_parse(getattr(pb, method.input_type.name)),
+                                     response_serializer=getattr(pb, method.output_type.name).SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
+
+
+async def _refuse_malformed(request, context):
+    if isinstance(request, Malformed):
+        await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, request.message)
+
+
 def unary_errors(handler):
     """An unexpected exception becomes INTERNAL (not UNKNOWN), logged here, with no details leaked."""
 
     async def wrapper(self, request, context):
         try:
+            await _refuse_malformed(request, context)
             return await handler(self, request, context)
         except (grpc.aio.AbortError, asyncio.CancelledError):
             raise
@@ -112,6 +152,7 @@ def unary_errors(handler):
 def stream_errors(handler):
     async def wrapper(self, request, context):
         try:
+            await _refuse_malformed(request, context)
             async for item in handler(self, request, context):
                 yield item
         except (grpc.aio.AbortError, asyncio.CancelledError):
@@ -140,25 +181,35 @@ class GenerationService(pb_grpc.GenerationServicer):
             text = request.text
             if not text:
                 raise RequestError([("text", "`text` must not be empty")])
+            self._check_size("text", len(text))
         else:
             text = self._render_chat(request.chat)
-        if len(text) > self.limits.max_input_chars:
-            raise RequestError([(which, f"`{which}` must be at most {self.limits.max_input_chars} characters, "
-                                        f"got {len(text)}")])
         return self.tokenizer.encode(text), (text if which == "chat" else None)
 
+    def _check_size(self, which: str, chars: int) -> None:
+        """Before tokenizing or rendering: the work they take grows with the input."""
+        if chars > self.limits.max_input_chars:
+            raise RequestError([(which, f"`{which}` must be at most {self.limits.max_input_chars} characters, "
+                                        f"got {chars}")])
+
     def _render_chat(self, chat) -> str:
+        """The rendered chat, within max_input_chars both before rendering and after."""
         if not chat.messages:
             raise RequestError([("chat.messages", "`chat.messages` must not be empty")])
         for i, m in enumerate(chat.messages):
             if not m.role:
                 raise RequestError([(f"chat.messages[{i}].role", f"`chat.messages[{i}].role` must not be empty")])
+        # A message counts CHAT_MESSAGE_CHARS beyond its text: rendering one costs about as much as tokenizing
+        # that many characters, and a template may drop it (Qwen2's renders an unknown role as nothing).
+        self._check_size("chat", sum(len(m.role) + len(m.content) + CHAT_MESSAGE_CHARS for m in chat.messages))
         add = chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
         try:
-            return self.tokenizer.apply_chat_template(
+            rendered = self.tokenizer.apply_chat_template(
                 [{"role": m.role, "content": m.content} for m in chat.messages], add_generation_prompt=add)
         except ChatTemplateError as e:
             raise RequestError([("chat", str(e))]) from None
+        self._check_size("chat", len(rendered))
+        return rendered
 
     def _rope_variant(self, total_len: int) -> int:
         scaling = self.runner.engine.model.rope_scaling
@@ -252,6 +303,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         which = request.WhichOneof("input")
         try:
             if which == "text":
+                self._check_size("text", len(request.text))
                 rendered, ids = None, self.tokenizer.encode(request.text)
             elif which == "chat":
                 rendered = self._render_chat(request.chat)
@@ -296,8 +348,7 @@ class Server:
         interceptors = [BearerTokenAuth(config.auth_token)] if config.auth_token else []
         self.grpc = grpc.aio.server(options=options, maximum_concurrent_rpcs=config.max_concurrent_rpcs,
                                     interceptors=interceptors)
-        pb_grpc.add_GenerationServicer_to_server(
-            GenerationService(runner, tokenizer, defaults, limits, config, model_name), self.grpc)
+        add_generation_service(GenerationService(runner, tokenizer, defaults, limits, config, model_name), self.grpc)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection([SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], self.grpc)
@@ -333,9 +384,13 @@ class Server:
         self._watch = asyncio.create_task(self._watch_engine())
 
     async def _watch_engine(self) -> None:
-        while self.runner.failure is None:
-            await asyncio.sleep(0.2)
-        await self._set_health(False)
+        """Health follows the runner: NOT_SERVING while the engine is rebuilt or after it failed for good."""
+        serving = True
+        while True:
+            await asyncio.sleep(0.1)
+            if self.runner.serving != serving:
+                serving = self.runner.serving
+                await self._set_health(serving)
 
     async def stop(self, drain_timeout_s: float = 30.0) -> None:
         """Stop admitting (NOT_SERVING), let admitted requests finish within the timeout, then stop."""

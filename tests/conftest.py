@@ -8,9 +8,10 @@ from shards.checkpoint import preset_config, write_random_checkpoint
 from tests.engine_scenarios import NEW_TOKENS as GREEDY_NEW_TOKENS
 from tests.engine_scenarios import PROMPTS as GREEDY_PROMPTS
 
-# On a loaded 2-core machine a local Ray's raylet can take longer to register than Ray's default wait;
+# On a loaded 2-core machine a local Ray's GCS and raylet can take longer to register than Ray's default wait;
 # every Ray cluster the tests start (in this process or in a server subprocess) inherits this.
 os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
+os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
 
 # Small Qwen2 shapes that still exercise what a split can get wrong.
 MODELS = {
