@@ -69,7 +69,7 @@ class InProcessServer:
     """The same server in this process, its event loop on a thread, so tests can inspect the scheduler."""
 
     def __init__(self, model_dir, tp: int = 2, server_options: dict | None = None, engine_options: dict | None = None,
-                 **runner_limits):
+                 limits_options: dict | None = None, **runner_limits):
         import asyncio
         import threading
 
@@ -87,8 +87,8 @@ class InProcessServer:
                                                          "cpus_per_rank": 0.5} | (engine_options or {}))))
         tokenizer = Tokenizer.from_pretrained(model_dir)
         self.runner = Runner(engine, tokenizer, **runner_limits)
-        limits = Limits(max_model_len=engine.max_model_len, vocab_size=engine.vocab_size, max_new_tokens=512)
-
+        limits = Limits(**{"max_model_len": engine.max_model_len, "vocab_size": engine.vocab_size,
+                           "max_new_tokens": 512} | (limits_options or {}))
 
         async def build():  # grpc.aio servers belong to the loop they are created on
             config = ServerConfig(port=free_port(), **(server_options or {}))
