@@ -100,10 +100,10 @@ def undisturbed(checkpoints):
         server.stop()
 
 
-def test_killed_rank_mid_generation_streams_finish_with_undisturbed_tokens(undisturbed):
-    server, expected = undisturbed
+def kill_mid_generation(server: InProcessServer, rank: int, expected: list[list[int]]) -> None:
+    ranks = len(server.runner.engine.actors)
     before, health = restarts(server), HealthLog(server.target)
-    kill = KillWhenAllStarted(server, rank=1)
+    kill = KillWhenAllStarted(server, rank)
     streams = Streams(server.target).run(kill)
     seen = health.stop()
 
@@ -112,10 +112,24 @@ def test_killed_rank_mid_generation_streams_finish_with_undisturbed_tokens(undis
     assert streams.tokens == expected
     # every stream was cut mid-generation and went on after the rebuild
     assert all(ts[KILL_AFTER - 1] <= kill.at < ts[-1] for ts in streams.times)
-    assert restarts(server) - before == 2  # both ranks of the TP2 engine are new actors
+    assert restarts(server) - before == ranks  # every rank of the engine is a new actor
     assert "NOT_SERVING" in seen and seen[-1] == "SERVING", seen
     recovery = max(next(t for t in ts if t > kill.at) for ts in streams.times) - kill.at
-    print(f"\nrecovery: every stream had its next token within {recovery:.2f}s of the kill")
+    print(f"\nrecovery ({ranks} ranks): every stream had its next token within {recovery:.2f}s of the kill")
+
+
+def test_killed_rank_mid_generation_streams_finish_with_undisturbed_tokens(undisturbed):
+    server, expected = undisturbed
+    kill_mid_generation(server, 1, expected)
+
+
+def test_killed_stage_with_steps_in_flight_under_pipeline_parallelism(undisturbed, checkpoints):
+    """Two steps are in flight at PP 2: both are dropped and their sequences recomputed."""
+    server = InProcessServer(checkpoints["gqa-untied"], tp=1, engine_options={"pp": 2}, max_num_seqs=8, **RECOVERY)
+    try:
+        kill_mid_generation(server, 0, undisturbed[1])
+    finally:
+        server.stop()
 
 
 def test_rank_killed_while_idle_is_found_by_the_probe_and_rebuilt(undisturbed):
