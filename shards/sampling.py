@@ -10,11 +10,13 @@ from dataclasses import dataclass
 import torch
 
 _M32 = 0xFFFFFFFF
+# Temperatures this small are argmax in all but name, and dividing logits by them overflows to inf/NaN.
+GREEDY_BELOW = 1e-5
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 1.0  # 0.0 means greedy (argmax; ties -> lowest id)
+    temperature: float = 1.0  # below GREEDY_BELOW means greedy (argmax; ties -> lowest id)
     top_k: int = 0  # 0 = disabled
     top_p: float = 1.0  # 1.0 = disabled
     min_p: float = 0.0  # 0.0 = disabled
@@ -89,7 +91,7 @@ class SamplingTensors:
         def tensor(values, dtype=torch.float32):
             return torch.tensor(values, dtype=dtype, device=device)
 
-        greedy = [p.temperature == 0.0 for p in params]
+        greedy = [p.temperature < GREEDY_BELOW for p in params]
         rep = [p.repetition_penalty != 1.0 for p in params]
         pres_freq = [p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params]
         seen = output_counts = None
@@ -116,7 +118,7 @@ class SamplingTensors:
             keys=_row_keys(params, [len(out) for out in output_token_ids], device),
             use_top_k_top_p=any(k < vocab_size for k in top_k) or any(p < 1.0 for p in top_p),
             use_min_p=any(p > 0.0 for p in min_p),
-            use_temperature=any(p.temperature not in (0.0, 1.0) for p in params),
+            use_temperature=any(not g and p.temperature != 1.0 for g, p in zip(greedy, params)),
             all_greedy=all(greedy),
             num_top=min(max((p.logprobs for p in params), default=0), vocab_size),
         )

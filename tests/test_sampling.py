@@ -123,6 +123,17 @@ def test_greedy_ties_pick_lowest_id():
     assert out.token_ids.tolist() == [1]
 
 
+@pytest.mark.parametrize("temperature", [1e-45, 1e-30, 9.99e-6])
+def test_vanishing_temperature_is_greedy_not_nan(temperature):
+    """logits / 1e-45 overflows to inf and softmax to NaN: such temperatures sample the argmax."""
+    torch.manual_seed(3)
+    logits = torch.randn(32, V) * 10
+    params = [SamplingParams(temperature=temperature, seed=i, logprobs=2) for i in range(32)]
+    out = sample(logits, params, [[] for _ in range(32)], [[] for _ in range(32)])
+    assert torch.equal(out.token_ids, logits.argmax(dim=-1))
+    assert torch.isfinite(out.logprobs).all()
+
+
 def test_top_k_1_equals_greedy():
     torch.manual_seed(2)
     B = 200
