@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 FINISH = {"length": pb.FINISH_REASON_LENGTH, "stop": pb.FINISH_REASON_STOP, "eos": pb.FINISH_REASON_EOS,
           "cancelled": pb.FINISH_REASON_CANCELLED}
+LONG_TEXT_CHARS = 50_000  # tokenized off the event loop from this length on
 CHAT_MESSAGE_CHARS = 32  # what one chat message counts toward max_input_chars beyond its role and content
 
 
@@ -170,7 +171,14 @@ class GenerationService(pb_grpc.GenerationServicer):
         self.config, self.model_name = config, model_name
 
     # -- admission --------------------------------------------------------------------------------
-    def _prompt(self, request) -> tuple[list[int], str | None]:
+    async def _encode(self, text: str) -> list[int]:
+        """Long texts are tokenized on a thread: the Rust tokenizer lets the event loop stream meanwhile
+        (4M characters take seconds)."""
+        if len(text) < LONG_TEXT_CHARS:
+            return self.tokenizer.encode(text)
+        return await asyncio.to_thread(self.tokenizer.encode, text)
+
+    async def _prompt(self, request) -> tuple[list[int], str | None]:
         """Token ids of the input (and the rendered chat, for chat input)."""
         which = request.WhichOneof("input")
         if which is None:
@@ -184,7 +192,7 @@ class GenerationService(pb_grpc.GenerationServicer):
             self._check_size("text", len(text))
         else:
             text = self._render_chat(request.chat)
-        return self.tokenizer.encode(text), (text if which == "chat" else None)
+        return await self._encode(text), (text if which == "chat" else None)
 
     def _check_size(self, which: str, chars: int) -> None:
         """Before tokenizing or rendering: the work they take grows with the input."""
@@ -224,7 +232,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         failed = self.runner.metrics.failed
         self.runner.metrics.received.inc()
         try:
-            prompt, _ = self._prompt(request)
+            prompt, _ = await self._prompt(request)
             valid = validate_parameters(request.parameters, len(prompt), self.defaults, self.limits)
             return self.runner.submit(prompt, valid, self._rope_variant(len(prompt) + valid.max_new_tokens))
         except RequestError as e:
@@ -304,10 +312,10 @@ class GenerationService(pb_grpc.GenerationServicer):
         try:
             if which == "text":
                 self._check_size("text", len(request.text))
-                rendered, ids = None, self.tokenizer.encode(request.text)
+                rendered, ids = None, await self._encode(request.text)
             elif which == "chat":
                 rendered = self._render_chat(request.chat)
-                ids = self.tokenizer.encode(rendered)
+                ids = await self._encode(rendered)
             else:
                 raise RequestError([("input", "one of `text` or `chat` must be set")])
         except RequestError as e:

@@ -226,8 +226,11 @@ class Tokenizer:
     # --- text <-> ids ---
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text`; special-token strings in it become their ids, nothing is added around it."""
-        return self._tok.encode(text, add_special_tokens=False).ids
+        """Token ids of `text`; special-token strings in it become their ids, nothing is added around it.
+
+        Through encode_batch, which (unlike encode) releases the GIL: called on a thread, a long text
+        does not stop the event loop."""
+        return self._tok.encode_batch([text], add_special_tokens=False)[0].ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)

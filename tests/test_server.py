@@ -148,6 +148,24 @@ def test_cancelled_stream_frees_every_block(stub, server):
     assert not server.runner.requests
 
 
+def test_streams_go_on_while_a_long_text_is_tokenized(stub):
+    """Tokenizing a long text takes seconds; it runs off the event loop, so other streams keep going."""
+    stream = stub.GenerateStream(pb.GenerateRequest(text="go", parameters=params(max_new_tokens=512, ignore_eos=True)))
+    next(stream)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        tokenized = pool.submit(stub.Tokenize, pb.TokenizeRequest(text="hello world, this is a test. " * 60_000))
+        during = 0
+        for _ in stream:
+            during += 1
+            if tokenized.done():
+                break
+        else:
+            pytest.fail("the stream ended before the text was tokenized: make the stream longer")
+        stream.cancel()
+        assert len(tokenized.result().token_ids) > 60_000
+    assert during >= 5, f"only {during} tokens streamed while 1.7M characters were tokenized"
+
+
 @pytest.mark.parametrize("request_kw,field", [
     (dict(text="hi", parameters=params(top_p=1.5)), "parameters.top_p"),
     (dict(text="hi", parameters=params(temperature=-1)), "parameters.temperature"),
