@@ -5,6 +5,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -17,11 +18,12 @@ class ServerProcess:
     def __init__(self, model_dir=None, *flags: str, tp: int = 2):
         self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
+        self.metrics_port = free_port()
         exe = Path(sys.executable).parent / "qwen2-cluster"
         model = ["--model", str(model_dir)] if model_dir else []  # None: the built-in demo checkpoint
         cmd = [str(exe), "serve", *model, "--host", "127.0.0.1", "--port", str(self.port),
                "--tensor-parallel-size", str(tp), "--rendezvous-host", "127.0.0.1", "--cpus-per-rank", "0.5",
-               "--block-size", "4", "--metrics-port", str(free_port()), *flags]
+               "--block-size", "4", "--metrics-port", str(self.metrics_port), *flags]
         env = dict(os.environ, GLOO_SOCKET_IFNAME="lo")
         self.log = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
@@ -47,6 +49,12 @@ class ServerProcess:
                 return seen
             time.sleep(0.1)
         raise TimeoutError(f"server not serving after {timeout}s:\n{self.output()}")
+
+    def metric(self, name: str) -> float:
+        """One unlabelled sample from the server's /metrics."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
+            line = next(line for line in r.read().decode().splitlines() if line.startswith(name + " "))
+        return float(line.split()[1])
 
     def output(self) -> str:
         self.log.flush()

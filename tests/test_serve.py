@@ -14,7 +14,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from qwen2_client import (AsyncClient, Client, DeadlineError, OverloadedError, Qwen2Error, RetryPolicy,
-                          ValidationError)
+                          UnavailableError, ValidationError)
 from tests.server_process import ServerProcess
 
 
@@ -123,22 +123,38 @@ def test_async_client(served):
     assert all(r.usage.generated_tokens == 4 for r in results) and deltas[-1].final is not None
 
 
-def test_sigterm_drains_admitted_requests(cache_home, served):
+def test_sigterm_under_load_drains_every_admitted_request(cache_home, served):
+    """12 streams, 4 running and 8 queued, when SIGTERM lands: every one ends complete, later ones are refused."""
     server, _ = served  # the demo checkpoint is in the cache already
     os.environ["XDG_CACHE_HOME"] = str(cache_home)
     try:
-        drain = ServerProcess(None, "--drain-timeout", "60", tp=1)
+        drain = ServerProcess(None, "--drain-timeout", "60", "--max-num-seqs", "4", tp=1)
     finally:
         os.environ.pop("XDG_CACHE_HOME", None)
+
+    async def scenario():
+        async with AsyncClient(drain.target, retry=RetryPolicy(max_attempts=1)) as client:
+            streams = [client.generate_stream(f"drain me {i}", max_new_tokens=60, ignore_eos=True) for i in range(12)]
+            results = [asyncio.ensure_future(collect(s)) for s in streams]
+            while drain.metric("qwen2_requests_received_total") < 12:  # all 12 admitted before the signal
+                await asyncio.sleep(0.02)
+            queued = drain.metric("qwen2_waiting_requests")
+            drain.proc.send_signal(signal.SIGTERM)
+            while await client.health() != "NOT_SERVING":
+                await asyncio.sleep(0.02)
+            with pytest.raises(UnavailableError):  # draining: nothing new is admitted
+                await client.generate("too late", max_new_tokens=2)
+            return queued, await asyncio.gather(*results)
+
+    async def collect(stream):
+        return [d async for d in stream]
+
     try:
         drain.wait_serving()
-        with Client(drain.target, retry=RetryPolicy(max_attempts=1)) as client:
-            stream = client.generate_stream("drain me", max_new_tokens=150, ignore_eos=True)
-            first = next(iter(stream))
-            drain.proc.send_signal(signal.SIGTERM)
-            rest = list(stream)
-        assert rest[-1].final.finish_reason == "length"
-        assert len(first.token_ids) + sum(len(d.token_ids) for d in rest) == 150
+        queued, results = asyncio.run(scenario())
+        assert queued >= 1  # the drain has queued requests to finish, not only running ones
+        assert [deltas[-1].final.finish_reason for deltas in results] == ["length"] * 12
+        assert [sum(len(d.token_ids) for d in deltas) for deltas in results] == [60] * 12
         assert drain.proc.wait(60) == 0
     finally:
         drain.stop()
