@@ -70,7 +70,15 @@ def p99(values):
     return statistics.quantiles(values, n=100)[98] if len(values) >= 2 else float("nan")
 
 
-def interference(model_dir, n: int, budget: int, streams: int = 16) -> dict:
+def yarn_config(preset: str, n: int) -> dict:
+    """The preset with YaRN on and its original window at half of `n`, so an n-token prompt needs YaRN."""
+    window = n // 2
+    return preset_config(preset) | {"max_position_embeddings": window, "rope_scaling": {
+        "type": "yarn", "factor": 4.0, "original_max_position_embeddings": window}}
+
+
+def interference(model_dir, n: int, budget: int, streams: int = 16, warmup_s: float = 15.0) -> dict:
+    """The short streams decode for `warmup_s` (its last two thirds are the quiet window), then the long prompt."""
     from qwen2_client import Client
     from tests.server_process import InProcessServer
 
@@ -95,13 +103,15 @@ def interference(model_dir, n: int, budget: int, streams: int = 16) -> dict:
             readers = [threading.Thread(target=short, args=(i,), daemon=True) for i in range(streams)]
             for r in readers:
                 r.start()
-            time.sleep(15)
-            quiet_from, quiet_to = time.monotonic() - 10, time.monotonic()
+            time.sleep(warmup_s)
+            quiet_from, quiet_to = time.monotonic() - warmup_s * 2 / 3, time.monotonic()
             ids = torch.randint(0, 150_000, (n,), generator=torch.Generator().manual_seed(1)).tolist()
             sent = time.monotonic()
             result = client.generate(token_ids=ids, max_new_tokens=1, ignore_eos=True)
             done = time.monotonic()
             stop.set()
+            for r in readers:  # each returns at its next token, before the channel closes under it
+                r.join()
     finally:
         server.stop()
     quiet = [g for t, g in gaps if quiet_from <= t <= quiet_to]
@@ -119,11 +129,7 @@ def main():
     parser.add_argument("--json", default="bench/long_context.json")
     args = parser.parse_args()
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    config = preset_config(args.preset)
-    window = args.prompt_tokens // 2  # the long prompt is past the original window: YaRN
-    config |= {"max_position_embeddings": window, "rope_scaling": {
-        "type": "yarn", "factor": 4.0, "original_max_position_embeddings": window}}
-    model_dir = write_random_checkpoint(tempfile.mkdtemp(), config)
+    model_dir = write_random_checkpoint(tempfile.mkdtemp(), yarn_config(args.preset, args.prompt_tokens))
     report = {"date": time.strftime("%Y-%m-%d"), "preset": args.preset, "threads": torch.get_num_threads(),
               "memory": prefill_memory(model_dir, args.prompt_tokens),
               "interference": interference(model_dir, args.prompt_tokens, args.max_num_batched_tokens)}

@@ -1,0 +1,152 @@
+"""`python -m bench`: every BENCHMARK.md figure in one run, so all of them see the same machine.
+
+Order: the machine's limits and the transformers baseline first (nothing else running), then for each TP
+size a real `qwen2-cluster serve` (gRPC + Ray engine) in a subprocess driven through the SDK: offline, the
+step probes, online; the collectives on an engine's ranks; the long workload last. Prints a Markdown table
+and writes JSON. Targets are reported, never asserted.
+"""
+
+import argparse
+import asyncio
+import contextlib
+import os
+import tempfile
+import time
+
+import torch
+
+from bench import baseline, floors, report, steps
+from bench.long_context import interference, yarn_config
+from bench.workloads import offline, online, request_mix
+from shards.checkpoint import preset_config, write_random_checkpoint
+
+WORKLOADS = ("floors", "baseline", "offline", "online", "overhead", "long")
+# --quick: the same harness at sizes that run in a minute (for development and the smoke test).
+QUICK = dict(requests=8, prompt_tokens=(16, 64), new_tokens=(4, 16), baseline_batch_sizes=[4, 8],
+             probe_batches=[1, 8], probe_steps=6, prefill_tokens=64, long_prompt_tokens=512, long_streams=4,
+             long_warmup_s=3.0)
+
+
+def ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated subset of {','.join(WORKLOADS)}")
+    p.add_argument("--preset", default="bench-cpu", help="checkpoint preset (written with random weights, seed 0)")
+    p.add_argument("--tp", type=ints, default=[1, 2], help="tensor-parallel sizes to serve")
+    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--prompt-tokens", type=ints, default=(32, 512), help="min,max prompt length")
+    p.add_argument("--new-tokens", type=ints, default=(16, 256), help="min,max max_new_tokens")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--online-load", type=float, default=0.5,
+                   help="online arrival rate as a share of the offline request rate at the same TP")
+    p.add_argument("--baseline-batch-sizes", type=ints, default=[8, 16, 32, 64])
+    p.add_argument("--baseline-batches", type=int, default=1,
+                   help="batches run per size, from the start of the mix (0: the whole mix; all four sizes over "
+                        "the whole mix take most of the 15-minute budget on 2 cores)")
+    p.add_argument("--probe-batches", type=ints, default=[1, 64], help="decode step probes; the last gives the overhead")
+    p.add_argument("--probe-steps", type=int, default=16, help="steady decode steps per probe")
+    p.add_argument("--probe-prompt-tokens", type=int, default=64)
+    p.add_argument("--prefill-tokens", type=int, default=512)
+    p.add_argument("--long-prompt-tokens", type=int, default=8192,
+                   help="BENCHMARK.md says 32768: minutes of prefill on 2 cores, past the 15-minute budget")
+    p.add_argument("--long-streams", type=int, default=16)
+    p.add_argument("--long-warmup-s", type=float, default=15.0)
+    p.add_argument("--kv-cache-memory-gib", type=float, default=1.0, help="per rank")
+    p.add_argument("--quick", action="store_true", help="small sizes: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
+    p.add_argument("--json", default="bench/results.json")
+    args = p.parse_args(argv)
+    if args.quick:
+        vars(args).update(QUICK)
+    args.workloads = args.workloads.split(",")
+    if unknown := set(args.workloads) - set(WORKLOADS):
+        p.error(f"unknown workloads {sorted(unknown)}; choose from {','.join(WORKLOADS)}")
+    if "online" in args.workloads and "offline" not in args.workloads:
+        p.error("online's arrival rate is set from offline's: run both")
+    return args
+
+
+@contextlib.contextmanager
+def server(model_dir, tp: int, threads: int, kv_gib: float):
+    """`qwen2-cluster serve` in a subprocess; the ranks share `threads` threads, as the baseline uses."""
+    from tests.multiproc import free_port
+    from tests.server_process import ServerProcess
+
+    metrics_port = free_port()
+    proc = ServerProcess(model_dir, "--cpus-per-rank", str(max(1, threads // tp)), "--block-size", "16",
+                         "--kv-cache-memory-gib", str(kv_gib), "--metrics-port", str(metrics_port), tp=tp)
+    try:
+        proc.wait_serving()
+        yield proc.target, f"http://127.0.0.1:{metrics_port}/metrics"
+    finally:
+        proc.stop()
+
+
+def serve_workloads(args, model_dir, cost: floors.ModelCost, limits: dict, tp: int, threads: int) -> dict:
+    """Everything measured through one server at one TP size."""
+    out, w = {}, args.workloads
+    with server(model_dir, tp, threads, args.kv_cache_memory_gib) as (target, metrics):
+        asyncio.run(offline(target, request_mix(2, (64, 64), (4, 4), seed=-1)))  # first-step set-up off the clock
+        if "offline" in w:
+            mix = request_mix(args.requests, args.prompt_tokens, args.new_tokens, args.seed)
+            out["offline"] = asyncio.run(offline(target, mix))
+        if "floors" in w or "overhead" in w:
+            out["decode"] = []
+            for batch in args.probe_batches:
+                probe = asyncio.run(steps.decode_step(target, metrics, batch, args.probe_prompt_tokens, args.probe_steps))
+                probe["floor"] = cost.decode_floor(batch, probe["context"], limits["matmul_flops"], limits["bandwidth_bytes"])
+                out["decode"].append(probe)
+        if "floors" in w:
+            out["prefill"] = asyncio.run(steps.prefill_step(target, metrics, args.prefill_tokens))
+            out["prefill"]["floor"] = cost.prefill_floor(args.prefill_tokens, limits["matmul_flops"])
+        if "online" in w and tp == args.tp[0]:
+            rate = args.online_load * out["offline"]["requests"] / out["offline"]["wall_s"]
+            out["online"] = asyncio.run(online(target, request_mix(args.requests, args.prompt_tokens, args.new_tokens,
+                                                                   args.seed), rate, args.seed))
+    if "overhead" in w and tp > 1:
+        out["collectives"] = asyncio.run(steps.collectives(model_dir, tp, args.probe_batches[-1]))
+    return out
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    threads, began = torch.get_num_threads(), time.perf_counter()
+    workdir = tempfile.TemporaryDirectory(prefix="bench-")
+    model_dir = write_random_checkpoint(os.path.join(workdir.name, args.preset), preset_config(args.preset), seed=0)
+    cost = floors.ModelCost(preset_config(args.preset))
+    results = report.header() | {"preset": args.preset, "threads": threads, "settings": vars(args), "tp": {}}
+
+    def step(name, fn):
+        t = time.perf_counter()
+        value = fn()
+        print(f"[bench] {name}: {time.perf_counter() - t:.0f} s", flush=True)
+        return value
+
+    limits = step("limits", lambda: floors.measure(args.quick))
+    results["limits"] = limits | {"weight_bytes": cost.weight_bytes}
+    if "baseline" in args.workloads:
+        mix = request_mix(args.requests, args.prompt_tokens, args.new_tokens, args.seed)
+        results["baseline"] = step("baseline", lambda: baseline.run(model_dir, mix, args.baseline_batch_sizes,
+                                                                    args.baseline_batches or None))
+    if set(args.workloads) - {"baseline", "long"}:
+        for tp in args.tp:
+            results["tp"][str(tp)] = step(f"TP={tp}", lambda: serve_workloads(args, model_dir, cost, limits, tp, threads))
+    if "long" in args.workloads:
+        long_dir = write_random_checkpoint(os.path.join(workdir.name, "yarn"),
+                                           yarn_config(args.preset, args.long_prompt_tokens))
+        results["long"] = step("long", lambda: interference(long_dir, args.long_prompt_tokens, 2048,
+                                                            args.long_streams, args.long_warmup_s))
+    workdir.cleanup()
+    results["wall_s"] = time.perf_counter() - began
+    print(report.table(results))
+    report.write(results, args.json)
+    print(f"[bench] {results['wall_s']:.0f} s in all; JSON: {args.json}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

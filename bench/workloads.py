@@ -1,0 +1,77 @@
+"""The offline and online workloads (BENCHMARK.md): one seeded request mix, driven through the SDK against
+a running server, greedy with `ignore_eos` so every request generates exactly its max_new_tokens.
+
+Prompts are token ids (random, below the special tokens), so their lengths are exact.
+"""
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from qwen2_client import AsyncClient
+
+SPECIAL = 151643  # ids from here on are special tokens
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt: list[int]
+    max_new_tokens: int
+
+
+def request_mix(n: int, prompt_tokens: tuple[int, int], new_tokens: tuple[int, int], seed: int = 0) -> list[Request]:
+    """`n` requests, prompt lengths and max_new_tokens uniform in the (inclusive) ranges."""
+    rng = random.Random(seed)
+    return [Request([rng.randrange(SPECIAL) for _ in range(rng.randint(*prompt_tokens))], rng.randint(*new_tokens))
+            for _ in range(n)]
+
+
+def params(r: Request) -> dict:
+    return {"token_ids": r.prompt, "max_new_tokens": r.max_new_tokens, "temperature": 0.0, "ignore_eos": True}
+
+
+def percentiles(values: list[float]) -> dict:
+    """p50 and p99 in milliseconds."""
+    p50, p99 = np.percentile(values, [50, 99]) if values else (float("nan"), float("nan"))
+    return {"p50_ms": p50 * 1e3, "p99_ms": p99 * 1e3}
+
+
+async def offline(target: str, requests: list[Request]) -> dict:
+    """All requests submitted at once; generated tokens per second from first submit to last token."""
+    async with AsyncClient(target) as client:
+        began = time.perf_counter()
+        results = await asyncio.gather(*(client.generate(**params(r)) for r in requests))
+        wall = time.perf_counter() - began
+    generated = sum(len(res.token_ids) for res in results)
+    return {"requests": len(requests), "prompt_tokens": sum(len(r.prompt) for r in requests),
+            "requested_tokens": sum(r.max_new_tokens for r in requests), "generated_tokens": generated,
+            "wall_s": wall, "tokens_per_s": generated / wall}
+
+
+async def online(target: str, requests: list[Request], rate: float, seed: int = 0) -> dict:
+    """The same mix arriving as a Poisson process of `rate` requests/s; latencies seen by the client."""
+    rng = random.Random(seed)
+    offsets = list(np.cumsum([rng.expovariate(rate) for _ in requests]))
+    ttft, itl, e2e, generated = [], [], [], 0
+
+    async def one(client, r: Request, offset: float, start: float):
+        nonlocal generated
+        await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
+        sent, arrivals = time.perf_counter(), []
+        async for delta in client.generate_stream(**params(r)):
+            arrivals += [time.perf_counter()] * len(delta.token_ids)
+        ttft.append(arrivals[0] - sent)
+        itl.extend(np.diff(arrivals))
+        e2e.append(arrivals[-1] - sent)
+        generated += len(arrivals)
+
+    async with AsyncClient(target) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(one(client, r, o, start) for r, o in zip(requests, offsets)))
+        wall = time.perf_counter() - start
+    return {"requests": len(requests), "rate_per_s": rate, "requested_tokens": sum(r.max_new_tokens for r in requests),
+            "generated_tokens": generated, "wall_s": wall, "ttft": percentiles(ttft),
+            "itl": percentiles(itl), "e2e": percentiles(e2e)}
