@@ -136,9 +136,12 @@ def test_sigterm_under_load_drains_every_admitted_request(cache_home, served):
         async with AsyncClient(drain.target, retry=RetryPolicy(max_attempts=1)) as client:
             streams = [client.generate_stream(f"drain me {i}", max_new_tokens=60, ignore_eos=True) for i in range(12)]
             results = [asyncio.ensure_future(collect(s)) for s in streams]
-            while drain.metric("qwen2_requests_received_total") < 12:  # all 12 admitted before the signal
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:  # all 12 admitted, and the gauges (set after a step) show a queue
+                queued = drain.metric("qwen2_waiting_requests")
+                if drain.metric("qwen2_requests_received_total") == 12 and queued >= 1:
+                    break
                 await asyncio.sleep(0.02)
-            queued = drain.metric("qwen2_waiting_requests")
             drain.proc.send_signal(signal.SIGTERM)
             while await client.health() != "NOT_SERVING":
                 await asyncio.sleep(0.02)
