@@ -85,30 +85,50 @@ def server(model_dir, tp: int, threads: int, kv_gib: float):
         proc.stop()
 
 
-def serve_workloads(args, model_dir, cost: floors.ModelCost, limits: dict, tp: int, threads: int) -> dict:
+def attempt(errors: list, name: str, fn):
+    """fn(), timed; a failure is noted in `errors` and the run goes on to the next figure (None)."""
+    began = time.perf_counter()
+    try:
+        value = fn()
+    except Exception as e:
+        errors.append(f"{name}: {type(e).__name__}: {e}")
+        print(f"[bench] {name} failed: {e}", flush=True)
+        return None
+    print(f"[bench] {name}: {time.perf_counter() - began:.0f} s", flush=True)
+    return value
+
+
+def serve_workloads(args, model_dir, cost: floors.ModelCost, limits: dict, tp: int, threads: int,
+                    errors: list) -> dict:
     """Everything measured through one server at one TP size."""
     out, w = {}, args.workloads
+    mix = request_mix(args.requests, args.prompt_tokens, args.new_tokens, args.seed)
+
+    def decode(batch):
+        probe = asyncio.run(steps.decode_step(target, metrics, batch, args.probe_prompt_tokens, args.probe_steps))
+        return probe | {"floor": cost.decode_floor(batch, probe["context"], limits["matmul_flops"],
+                                                   limits["bandwidth_bytes"])}
+
+    def prefill():
+        return asyncio.run(steps.prefill_step(target, metrics, args.prefill_tokens)) | {
+            "floor": cost.prefill_floor(args.prefill_tokens, limits["matmul_flops"])}
+
     with server(model_dir, tp, threads, args.kv_cache_memory_gib) as (target, metrics):
         asyncio.run(offline(target, request_mix(2, (64, 64), (4, 4), seed=-1)))  # first-step set-up off the clock
         if "offline" in w:
-            mix = request_mix(args.requests, args.prompt_tokens, args.new_tokens, args.seed)
-            out["offline"] = asyncio.run(offline(target, mix))
+            out["offline"] = attempt(errors, f"offline TP={tp}", lambda: asyncio.run(offline(target, mix)))
         if "floors" in w or "overhead" in w:
-            out["decode"] = []
-            for batch in args.probe_batches:
-                probe = asyncio.run(steps.decode_step(target, metrics, batch, args.probe_prompt_tokens, args.probe_steps))
-                probe["floor"] = cost.decode_floor(batch, probe["context"], limits["matmul_flops"], limits["bandwidth_bytes"])
-                out["decode"].append(probe)
+            out["decode"] = [p for b in args.probe_batches
+                             if (p := attempt(errors, f"decode batch {b} TP={tp}", lambda: decode(b)))]
         if "floors" in w:
-            out["prefill"] = asyncio.run(steps.prefill_step(target, metrics, args.prefill_tokens))
-            out["prefill"]["floor"] = cost.prefill_floor(args.prefill_tokens, limits["matmul_flops"])
-        if "online" in w and tp == args.tp[0]:
+            out["prefill"] = attempt(errors, f"prefill TP={tp}", prefill)
+        if "online" in w and tp == args.tp[0] and out.get("offline"):
             rate = args.online_load * out["offline"]["requests"] / out["offline"]["wall_s"]
-            out["online"] = asyncio.run(online(target, request_mix(args.requests, args.prompt_tokens, args.new_tokens,
-                                                                   args.seed), rate, args.seed))
+            out["online"] = attempt(errors, f"online TP={tp}", lambda: asyncio.run(online(target, mix, rate, args.seed)))
     if "overhead" in w and tp > 1:
-        out["collectives"] = asyncio.run(steps.collectives(model_dir, tp, args.probe_batches[-1]))
-    return out
+        out["collectives"] = attempt(errors, f"collectives TP={tp}",
+                                     lambda: asyncio.run(steps.collectives(model_dir, tp, args.probe_batches[-1])))
+    return {k: v for k, v in out.items() if v}
 
 
 def main(argv=None) -> dict:
@@ -120,28 +140,24 @@ def main(argv=None) -> dict:
     cost = floors.ModelCost(preset_config(args.preset))
     results = report.header() | {"preset": args.preset, "threads": threads, "settings": vars(args), "tp": {}}
 
-    def step(name, fn):
-        t = time.perf_counter()
-        value = fn()
-        print(f"[bench] {name}: {time.perf_counter() - t:.0f} s", flush=True)
-        return value
-
-    limits = step("limits", lambda: floors.measure(args.quick))
+    errors = results["errors"] = []
+    limits = floors.measure(args.quick)
     results["limits"] = limits | {"weight_bytes": cost.weight_bytes}
     if "baseline" in args.workloads:
         mix = request_mix(args.requests, args.prompt_tokens, args.new_tokens, args.seed)
-        results["baseline"] = step("baseline", lambda: baseline.run(model_dir, mix, args.baseline_batch_sizes,
-                                                                    args.baseline_batches or None))
+        results["baseline"] = attempt(errors, "baseline", lambda: baseline.run(
+            model_dir, mix, args.baseline_batch_sizes, args.baseline_batches or None))
     if set(args.workloads) - {"baseline", "long"}:
         for tp in args.tp:
-            results["tp"][str(tp)] = step(f"TP={tp}", lambda: serve_workloads(args, model_dir, cost, limits, tp, threads))
+            results["tp"][str(tp)] = attempt(errors, f"TP={tp}", lambda: serve_workloads(
+                args, model_dir, cost, limits, tp, threads, errors)) or {}
     if "long" in args.workloads:
         long_dir = write_random_checkpoint(os.path.join(workdir.name, "yarn"),
                                            yarn_config(args.preset, args.long_prompt_tokens))
-        results["long"] = step("long", lambda: interference(long_dir, args.long_prompt_tokens, 2048,
-                                                            args.long_streams, args.long_warmup_s))
+        results["long"] = attempt(errors, "long", lambda: interference(
+            long_dir, args.long_prompt_tokens, 2048, args.long_streams, args.long_warmup_s))
     workdir.cleanup()
-    results["wall_s"] = time.perf_counter() - began
+    results = {k: v for k, v in results.items() if v is not None} | {"wall_s": time.perf_counter() - began}
     print(report.table(results))
     report.write(results, args.json)
     print(f"[bench] {results['wall_s']:.0f} s in all; JSON: {args.json}")

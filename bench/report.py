@@ -115,6 +115,7 @@ def table(r: dict) -> str:
     lines += ["", "| target | measured | target | met |", "|---|---:|---:|:---:|"]
     lines += [f"| {name} | {_value(value, target)} | {target} | {'yes' if met else 'no'} |"
               for name, value, target, met in targets(r)]
+    lines += [f"\nFailed: {e}" for e in r.get("errors", [])]
     return "\n".join(lines)
 
 

@@ -38,14 +38,15 @@ def phase_means(d: Counter) -> dict:
 
 async def decode_step(target: str, metrics_url: str, batch: int, prompt_tokens: int, steps: int) -> dict:
     """`batch` streams decoding together: the step period over `steps` steps once all are past prefill."""
-    requests = request_mix(batch, (prompt_tokens, prompt_tokens), (2 * steps + 64,) * 2, seed=batch)
+    # Long enough that no stream ends while the last ones are still prefilling; cancelled after the window.
+    requests = request_mix(batch, (prompt_tokens, prompt_tokens), (1024, 1024), seed=batch)
     counts, marks, done = [0] * batch, [], asyncio.Event()
 
     async def stream(client, i):
         async for delta in client.generate_stream(**params(requests[i])):
             counts[i] += len(delta.token_ids)
             # Stream 0 (first admitted, so first to finish) marks the window, right after a step's tokens.
-            if i == 0 and min(counts) > 0 and (not marks or counts[0] - marks[0][2] == steps):
+            if i == 0 and min(counts) > 0 and (not marks or counts[0] - marks[0][2] >= steps):
                 marks.append((time.perf_counter(), scrape(metrics_url), counts[0]))
                 if len(marks) == 2:
                     done.set()
@@ -55,13 +56,14 @@ async def decode_step(target: str, metrics_url: str, batch: int, prompt_tokens: 
         await asyncio.wait([asyncio.create_task(done.wait()), *tasks], return_when=asyncio.FIRST_COMPLETED)
         for t in tasks:
             t.cancel()  # cancels the calls: the server frees the sequences
-        await asyncio.gather(*tasks, return_exceptions=True)
+        ended = await asyncio.gather(*tasks, return_exceptions=True)
     if len(marks) < 2:
-        raise RuntimeError(f"decode probe at batch {batch} ended before {steps} steady steps")
-    (t0, m0, n0), (t1, m1, _) = marks
-    period = (t1 - t0) / steps
+        errors = [e for e in ended if not isinstance(e, asyncio.CancelledError)]
+        raise RuntimeError(f"decode probe at batch {batch} ended before {steps} steady steps: {errors[:1]}")
+    (t0, m0, n0), (t1, m1, n1) = marks
+    period = (t1 - t0) / (n1 - n0)
     means = phase_means(m1 - m0)
-    return {"batch": batch, "context": prompt_tokens + n0 + steps // 2, "step_s": period, **means,
+    return {"batch": batch, "context": prompt_tokens + (n0 + n1) // 2, "step_s": period, **means,
             "overhead_s": period - means["forward_s"], "overhead_share": 1 - means["forward_s"] / period}
 
 

@@ -13,6 +13,7 @@ def test_bench_quick_runs_end_to_end_and_counts_agree(tmp_path):
     main(["--quick", "--preset", "tiny", "--tp", "2", "--workloads", "floors,baseline,offline,online,overhead",
           "--json", str(out)])
     r = json.loads(out.read_text())
+    assert r["errors"] == []
     assert r["limits"]["matmul_flops"] > 0 and r["limits"]["bandwidth_bytes"] > 0 and r["threads"] >= 1
 
     for row in r["baseline"]["rows"]:  # every row of a static batch runs to the batch's longest request
