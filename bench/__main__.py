@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import shlex
 import tempfile
 import time
 
@@ -56,6 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--long-streams", type=int, default=16)
     p.add_argument("--long-warmup-s", type=float, default=15.0)
     p.add_argument("--kv-cache-memory-gib", type=float, default=1.0, help="per rank")
+    p.add_argument("--serve-args", default="", help="more `qwen2-cluster serve` flags, e.g. '--prefill-latency-factor 0'")
     p.add_argument("--quick", action="store_true", help="small sizes: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     p.add_argument("--json", default="bench/results.json")
     args = p.parse_args(argv)
@@ -70,14 +72,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 @contextlib.contextmanager
-def server(model_dir, tp: int, threads: int, kv_gib: float):
+def server(model_dir, tp: int, threads: int, kv_gib: float, extra: str = ""):
     """`qwen2-cluster serve` in a subprocess; the ranks share `threads` threads, as the baseline uses."""
     from tests.multiproc import free_port
     from tests.server_process import ServerProcess
 
     metrics_port = free_port()
     proc = ServerProcess(model_dir, "--cpus-per-rank", str(max(1, threads // tp)), "--block-size", "16",
-                         "--kv-cache-memory-gib", str(kv_gib), "--metrics-port", str(metrics_port), tp=tp)
+                         "--kv-cache-memory-gib", str(kv_gib), "--metrics-port", str(metrics_port), *shlex.split(extra),
+                         tp=tp)
     try:
         proc.wait_serving()
         yield proc.target, f"http://127.0.0.1:{metrics_port}/metrics"
@@ -113,7 +116,7 @@ def serve_workloads(args, model_dir, cost: floors.ModelCost, limits: dict, tp: i
         return asyncio.run(steps.prefill_step(target, metrics, args.prefill_tokens)) | {
             "floor": cost.prefill_floor(args.prefill_tokens, limits["matmul_flops"])}
 
-    with server(model_dir, tp, threads, args.kv_cache_memory_gib) as (target, metrics):
+    with server(model_dir, tp, threads, args.kv_cache_memory_gib, args.serve_args) as (target, metrics):
         asyncio.run(offline(target, request_mix(2, (64, 64), (4, 4), seed=-1)))  # first-step set-up off the clock
         if "offline" in w:
             out["offline"] = attempt(errors, f"offline TP={tp}", lambda: asyncio.run(offline(target, mix)))
