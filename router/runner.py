@@ -192,22 +192,22 @@ class Runner:
         return plans, results
 
     def _adapt_prefill_budget(self, plans, seconds: float) -> None:
-        """Keep steps that mix prompt chunks with decodes near `prefill_latency_factor` x a decode step."""
+        """Keep steps that mix long-prompt chunks with decodes near `prefill_latency_factor` x a decode step."""
         if self.prefill_latency_factor <= 0:
             return
-        prefill = sum(len(p.token_ids) for p in plans if len(p.token_ids) > 1)
-        decodes = len(plans) - sum(1 for p in plans if len(p.token_ids) > 1)
-        if not prefill:
+        prefills = sum(1 for p in plans if len(p.token_ids) > 1)
+        if not prefills:
             self._decode_step_s = seconds if self._decode_step_s is None else 0.8 * self._decode_step_s + 0.2 * seconds
             return
-        if not decodes or self._decode_step_s is None:
-            return
-        s, ceiling = self.scheduler, self.scheduler.max_num_batched_tokens
+        s = self.scheduler
+        long_tokens = s.long_prefill_tokens(plans)
+        if not long_tokens or prefills == len(plans) or self._decode_step_s is None:
+            return  # only short prompts (admitted whole), or nobody decoding: nothing to adapt
         target = self.prefill_latency_factor * self._decode_step_s
         if seconds > target:  # cut in proportion to the overshoot, with a margin
-            s.prefill_budget = max(16, int(min(s.prefill_budget, prefill) * 0.8 * target / seconds))
+            s.prefill_budget = max(16, int(min(s.prefill_budget, long_tokens) * 0.8 * target / seconds))
         else:
-            s.prefill_budget = min(ceiling, s.prefill_budget + max(16, s.prefill_budget // 4))
+            s.prefill_budget = min(s.max_num_batched_tokens, s.prefill_budget + max(16, s.prefill_budget // 4))
 
     async def _idle(self) -> None:
         """Wait for work; probe the ranks every probe_interval_s meanwhile (EngineError if one is dead)."""

@@ -118,8 +118,9 @@ class Scheduler:
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        # Prompt tokens one step may carry (<= max_num_batched_tokens). The runner lowers it while decodes
-        # share the step, so a long prefill cannot stretch everyone's inter-token latency.
+        # Tokens of long prompts (more than max_num_batched_tokens, so chunked anyway) one step may carry
+        # beside decodes. The runner adapts it, so a long prefill cannot stretch everyone's inter-token
+        # latency; prompts that fit one step are admitted whole, which keeps batches large.
         self.prefill_budget = max_num_batched_tokens
         self.max_waiting = max_waiting
         self.waiting: list[Sequence] = []  # sorted by age: FCFS order
@@ -188,13 +189,13 @@ class Scheduler:
                 continue
             # A prefill chunk shrinks to the free blocks rather than preempting anyone.
             left = seq.num_tokens - seq.num_computed_tokens
-            chunk = min(left, budget, self._room(seq), left if left == 1 else prefill_budget)
+            chunk = min(left, budget, self._room(seq), prefill_budget if self.is_long(seq) else left)
             if chunk == 0:
                 continue
             self._grow(seq, chunk)
             plans.append(self._plan(seq, chunk))
             budget -= chunk
-            prefill_budget -= chunk if left > 1 else 0
+            prefill_budget -= chunk if self.is_long(seq) else 0
 
         # Admission. Not in a step that had to preempt: the cache is full and the preempted would thrash.
         while not preempted and self.waiting and budget and len(self.running) < self.max_num_seqs:
@@ -202,7 +203,7 @@ class Scheduler:
             if self._drop_if_unfittable(seq):
                 continue
             # A smaller first chunk rather than waiting for budget.
-            chunk = min(seq.num_tokens, budget, seq.num_tokens if seq.num_tokens == 1 else prefill_budget)
+            chunk = min(seq.num_tokens, budget, prefill_budget if self.is_long(seq) else seq.num_tokens)
             if chunk == 0:
                 break
             if self.blocks.blocks_for(chunk) > self.blocks.num_free:
@@ -213,8 +214,17 @@ class Scheduler:
             self._grow(seq, chunk)
             plans.append(self._plan(seq, chunk))
             budget -= chunk
-            prefill_budget -= chunk if seq.num_tokens > 1 else 0
+            prefill_budget -= chunk if self.is_long(seq) else 0
         return plans
+
+    def is_long(self, seq: Sequence) -> bool:
+        """Too many tokens to compute in one step: its prefill is chunked, at prefill_budget beside decodes."""
+        return seq.num_tokens > self.max_num_batched_tokens
+
+    def long_prefill_tokens(self, plans: list[SeqPlan]) -> int:
+        """Tokens of long sequences' prompt chunks in these plans (what prefill_budget governs)."""
+        return sum(len(p.token_ids) for p in plans
+                   if len(p.token_ids) > 1 and p.seq_id in self._seqs and self.is_long(self._seqs[p.seq_id]))
 
     def complete(self, plans: list[SeqPlan], results: list[dict]) -> list[Sequence]:
         """Apply a finished step; returns the sequences that got a new token, in plan order.

@@ -352,7 +352,11 @@ class Server:
                  limits: Limits, model_name: str):
         self.runner, self.config, self.model_name = runner, config, model_name
         options = [("grpc.max_send_message_length", config.max_message_bytes),
-                   ("grpc.max_receive_message_length", config.max_message_bytes)]
+                   ("grpc.max_receive_message_length", config.max_message_bytes),
+                   # The SDK pings every 30 s (keepalive). gRPC servers by default answer pings more often
+                   # than every 5 min without data with GOAWAY "too_many_pings", which cut off a unary
+                   # request waiting minutes for a long prefill.
+                   ("grpc.http2.min_ping_interval_without_data_ms", 10_000)]
         interceptors = [BearerTokenAuth(config.auth_token)] if config.auth_token else []
         self.grpc = grpc.aio.server(options=options, maximum_concurrent_rpcs=config.max_concurrent_rpcs,
                                     interceptors=interceptors)

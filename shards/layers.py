@@ -144,30 +144,34 @@ class RowParallelLinear(nn.Module):
 
 
 class VocabParallelEmbedding(nn.Module):
-    """Rows of the (padded) vocabulary split over TP ranks. The vocabulary is padded to a multiple of
-    tp_size; padding rows are zero. Also serves as the LM head (`logits`), tied or not."""
+    """Tokens of the (padded) vocabulary split over TP ranks. The vocabulary is padded to a multiple of
+    tp_size; padding tokens' vectors are zero. Also serves as the LM head (`logits`), tied or not.
+
+    `weight` is stored transposed, [hidden, local vocab], so the LM head is a plain `x @ weight`: on CPU
+    that runs ~2x faster than F.linear's `x @ weight.T` at decode batch sizes (the LM head dominates a
+    small Qwen2's decode step); the embedding gathers strided columns, which costs little."""
 
     def __init__(self, vocab_size: int, hidden: int, groups: ParallelGroups, dtype=torch.float32):
         super().__init__()
         self.groups, self.vocab_size, self.hidden = groups, vocab_size, hidden
         self.local = -(-vocab_size // groups.tp_size)
         self.first = groups.tp_rank * self.local
-        self.weight = _parameter((self.local, hidden), self._load, dtype)
+        self.weight = _parameter((hidden, self.local), self._load, dtype)
 
     def _load(self, param, source, shard_id=None):
         rows = max(0, min(self.local, self.vocab_size - self.first))
         param.data.zero_()
-        return copy_into(param.data[:rows], read_slice(source, (self.vocab_size, self.hidden), 0, self.first, rows))
+        return copy_into(param.data.t()[:rows], read_slice(source, (self.vocab_size, self.hidden), 0, self.first, rows))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.groups.tp_size == 1:
-            return F.embedding(ids, self.weight)
+            return F.embedding(ids, self.weight.t())
         local_ids = ids - self.first
         outside = (local_ids < 0) | (local_ids >= self.local)
-        x = F.embedding(local_ids.masked_fill(outside, 0), self.weight)
+        x = F.embedding(local_ids.masked_fill(outside, 0), self.weight.t())
         return all_reduce(x.masked_fill(outside[:, None], 0), self.groups)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor | None:
         """Full-vocabulary logits on TP rank 0 (None elsewhere), padding columns dropped."""
-        full = gather_last_dim(F.linear(x, self.weight), self.groups)
+        full = gather_last_dim(x @ self.weight, self.groups)
         return None if full is None else full[:, : self.vocab_size]

@@ -46,7 +46,7 @@ def test_tp_slices_reassemble_the_checkpoint_tensors(checkpoints):
     assert torch.equal(down, full["model.layers.1.mlp.down_proj.weight"])
     up = torch.cat([r.layers[1].mlp.gate_up_proj.weight.chunk(2)[1] for r in ranks])
     assert torch.equal(up, full["model.layers.1.mlp.up_proj.weight"])
-    lm_head = torch.cat([r.lm_head.weight for r in ranks])
+    lm_head = torch.cat([r.lm_head.weight.t() for r in ranks])  # stored [hidden, vocab]
     assert torch.equal(lm_head[:1003], full["lm_head.weight"]) and not lm_head[1003:].any()
 
 

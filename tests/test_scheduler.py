@@ -250,6 +250,19 @@ def test_chunked_prefill_interleaves_with_decodes():
     assert outputs == {i: expected_output(prompt_of(i, n), m) for i, n, m in [(0, 3, 10), (1, 20, 2)]}
 
 
+def test_prompts_that_fit_one_step_are_admitted_whole_beside_decodes():
+    """prefill_budget governs long prompts only: short ones join the batch at once (throughput)."""
+    d = Driver(num_blocks=64, block_size=4, max_num_seqs=8, budget=8)
+    d.sched.prefill_budget = 3
+    d.add(0, prompt_len=2, max_new=10)
+    d.tick()
+    d.add(1, prompt_len=5, max_new=2)
+    d.add(2, prompt_len=5, max_new=2)
+    d.tick()
+    assert [(p.seq_id, len(p.token_ids)) for p in d.steps[-1]] == [(0, 1), (1, 5), (2, 2)]  # the step's budget: 8
+    assert d.run() == {i: expected_output(prompt_of(i, n), m) for i, n, m in [(0, 2, 10), (1, 5, 2), (2, 5, 2)]}
+
+
 def test_prefill_budget_limits_prompt_chunks_only_beside_decodes():
     d = Driver(num_blocks=64, block_size=4, max_num_seqs=8, budget=8)
     d.sched.prefill_budget = 3
