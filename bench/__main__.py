@@ -44,6 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--online-load", type=float, default=0.5,
                    help="online arrival rate as a share of the offline request rate at the same TP")
+    p.add_argument("--online-requests", type=int, default=32,
+                   help="requests of the mix the online workload sends (the 15-minute budget: at half the offline "
+                        "rate all 64 take twice the offline run)")
     p.add_argument("--baseline-batch-sizes", type=ints, default=[8, 16, 32, 64])
     p.add_argument("--baseline-batches", type=int, default=1,
                    help="batches run per size, from the start of the mix (0: the whole mix; all four sizes over "
@@ -127,7 +130,9 @@ def serve_workloads(args, model_dir, cost: floors.ModelCost, limits: dict, tp: i
             out["prefill"] = attempt(errors, f"prefill TP={tp}", prefill)
         if "online" in w and tp == args.tp[0] and out.get("offline"):
             rate = args.online_load * out["offline"]["requests"] / out["offline"]["wall_s"]
-            out["online"] = attempt(errors, f"online TP={tp}", lambda: asyncio.run(online(target, mix, rate, args.seed)))
+            arrivals = mix[: args.online_requests]
+            out["online"] = attempt(errors, f"online TP={tp}",
+                                    lambda: asyncio.run(online(target, arrivals, rate, args.seed)))
     if "overhead" in w and tp > 1:
         out["collectives"] = attempt(errors, f"collectives TP={tp}",
                                      lambda: asyncio.run(steps.collectives(model_dir, tp, args.probe_batches[-1])))
