@@ -52,6 +52,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rendezvous-host", help="torch.distributed rendezvous host (default: rank 0's node)")
     parser.add_argument("--placement-timeout", type=float, default=60.0, help="seconds to wait for the ranks' resources")
     parser.add_argument("--step-timeout", type=float, default=120.0, help="seconds before a step counts as failed")
+    parser.add_argument("--compiled-graph", action=argparse.BooleanOptionalAction, default=None,
+                        help="run steps through a Ray compiled graph (default: on GPU only; on CPU its channel "
+                             "polling takes a core from the ranks)")
 
 
 def engine_config(args):
@@ -71,6 +74,7 @@ def engine_config(args):
         cpus_per_rank=args.cpus_per_rank,
         placement_timeout_s=args.placement_timeout,
         step_timeout_s=args.step_timeout,
+        compiled_graph=args.compiled_graph,
     )
 
 
@@ -125,6 +129,7 @@ async def _serve(args) -> None:
 
     config = engine_config(args)
     engine = Engine(config)
+    engine.init_ray()  # before gRPC starts its threads (see init_ray)
     tokenizer = Tokenizer.from_pretrained(config.model_dir)
     max_len = min(args.max_model_len or engine.max_model_len, engine.max_model_len)
     scaling = engine.model.rope_scaling

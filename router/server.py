@@ -382,8 +382,8 @@ class Server:
             await self.health.set(name, status)
 
     async def start(self) -> None:
-        await self._set_health(False)
         metrics, engine = self.runner.metrics, self.runner.engine
+        await self._set_health(False)
         if self.config.metrics_port is not None:
             metrics.serve(self.config.host, self.config.metrics_port)
         c = engine.config

@@ -93,6 +93,7 @@ class InProcessServer:
         self.thread.start()
         engine = Engine(engine_config(model_dir, tp, **({"max_num_blocks": None, "kv_cache_bytes": 8 * 2**20,
                                                          "cpus_per_rank": 0.5} | (engine_options or {}))))
+        engine.init_ray()  # before the gRPC server's threads (see init_ray)
         tokenizer = Tokenizer.from_pretrained(model_dir)
         self.runner = Runner(engine, tokenizer, **runner_limits)
         limits = Limits(**{"max_model_len": engine.max_model_len, "vocab_size": engine.vocab_size,
