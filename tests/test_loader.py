@@ -46,7 +46,8 @@ def test_tp_slices_reassemble_the_checkpoint_tensors(checkpoints):
     assert torch.equal(down, full["model.layers.1.mlp.down_proj.weight"])
     up = torch.cat([r.layers[1].mlp.gate_up_proj.weight.chunk(2)[1] for r in ranks])
     assert torch.equal(up, full["model.layers.1.mlp.up_proj.weight"])
-    lm_head = torch.cat([r.lm_head.weight.t() for r in ranks])  # stored [hidden, vocab]
+    # Stored as column blocks [blocks, hidden, VOCAB_BLOCK]: back to [vocab, hidden] rows per rank.
+    lm_head = torch.cat([r.lm_head.weight.transpose(1, 2).flatten(0, 1)[: r.lm_head.local] for r in ranks])
     assert torch.equal(lm_head[:1003], full["lm_head.weight"]) and not lm_head[1003:].any()
 
 
@@ -102,6 +103,7 @@ PEAK_SCRIPT = textwrap.dedent("""
     import json, sys
     from shards import loader
     from shards.config import Qwen2Config
+    from shards.layers import VocabParallelEmbedding
     from shards.model import Qwen2Stage
     from shards.parallel import ParallelGroups
 
@@ -118,7 +120,10 @@ PEAK_SCRIPT = textwrap.dedent("""
     stage = Qwen2Stage(Qwen2Config.from_pretrained(model_dir), ParallelGroups(tp_rank, tp, pp_rank, pp))
     read = loader.load_weights(stage.checkpoint_targets(), model_dir, progress)
     params = [p for p in stage.parameters()]
-    shard = sum(p.numel() * p.element_size() for p in params)
+    # The vocabulary's last block is zero padding, not read from the checkpoint.
+    padding = sum((m.weight.numel() - m.local * m.hidden) * m.weight.element_size()
+                  for m in stage.modules() if isinstance(m, VocabParallelEmbedding))
+    shard = sum(p.numel() * p.element_size() for p in params) - padding
     largest = max(p.numel() * p.element_size() for p in params)
     print(json.dumps(dict(anon=peak["RssAnon"] - base["RssAnon"], file=peak["RssFile"] - base["RssFile"],
                           shard=shard, largest=largest, read=read)))
