@@ -85,6 +85,9 @@ class Runner:
         self.failure: Exception | None = None
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
+        # Events of the step just completed, handed to the streams once the next step is submitted, so the
+        # streams' work (gRPC writes) overlaps the next forward instead of delaying it. None: hand at once.
+        self._outbox: list[tuple[Request, Event]] | None = None
 
     async def start(self) -> None:
         await self.engine.start()
@@ -146,7 +149,18 @@ class Runner:
         self.requests.pop(request.seq.seq_id, None)
         if self.scheduler is not None:
             self.scheduler.finish(request.seq.seq_id)
-        request.events.put_nowait(event)
+        self._hand(request, event)
+
+    def _hand(self, request: Request, event: Event) -> None:
+        if self._outbox is None:
+            request.events.put_nowait(event)
+        else:
+            self._outbox.append((request, event))
+
+    def _flush(self) -> None:
+        outbox, self._outbox = self._outbox or [], None
+        for request, event in outbox:
+            request.events.put_nowait(event)
 
     async def _loop(self) -> None:
         depth = max(1, self.engine.config.pipeline_parallel_size)
@@ -162,6 +176,11 @@ class Runner:
                 if not plans:
                     break
                 in_flight.append(asyncio.create_task(self._step(plans)))
+            if self._outbox is not None:
+                try:
+                    await asyncio.sleep(0)  # the new step's task runs up to its submission first
+                finally:
+                    self._flush()
             try:
                 if not in_flight:
                     await self._idle()
@@ -174,6 +193,7 @@ class Runner:
                 continue
             self._failures_in_row = 0
             began = time.perf_counter()
+            self._outbox = []
             for seq in self.scheduler.complete(plans, results):
                 request = self.requests.get(seq.seq_id)
                 if request is not None:
@@ -285,7 +305,7 @@ class Runner:
                                             or seq.num_tokens >= self.engine.max_model_len):
             event.finish_reason = "length"
         if event.finish_reason is None:
-            request.events.put_nowait(event)
+            self._hand(request, event)
             return
         if event.finish_reason != "stop" or event.matched_stop is None:
             event.text += request.detokenizer.finish()
