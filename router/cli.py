@@ -201,8 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, help="cap the model's maximum length (prompt + generated)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences in one step at most")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens in one step at most")
-    p.add_argument("--prefill-latency-factor", type=float, default=2.0,
-                   help="steps that prefill long prompts beside decodes may take this many decode steps (0: fixed budget)")
+    p.add_argument("--prefill-latency-factor", type=float, default=1.5,
+                   help="steps that prefill long prompts beside decodes aim at this many decode steps (0: fixed "
+                        "budget); the p99 lands about a quarter above it")
     p.add_argument("--max-engine-restarts", type=int, default=3,
                    help="engine failures in a row it is rebuilt after, before requests end UNAVAILABLE")
     p.add_argument("--max-waiting", type=int, default=256, help="queued requests before RESOURCE_EXHAUSTED")
