@@ -1,7 +1,9 @@
 """The Ray actor that holds one rank: a `ShardWorker` plus what it needs to join the world."""
 
+import ctypes
 import os
 import socket
+import sys
 import time
 
 import ray
@@ -11,6 +13,23 @@ from shards.parallel import init_distributed, init_groups
 from shards.worker import ShardWorker
 
 
+def keep_freed_memory() -> None:
+    """Serve large blocks from the heap and keep freed memory (glibc). By default glibc maps every block
+    over 32 MiB afresh and unmaps it on free, so each decode step's logits buffers (~40 MB apiece at batch
+    64) come back as new pages the kernel faults in and zeroes: 16K page faults and ~7% of a batch-64
+    step of bench-cpu on CPU (169 -> 158 ms without them). A rank's memory peaks at the same size every
+    step, so nothing is lost by keeping it."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    libc.mallopt(m_mmap_max, 0)
+    libc.mallopt(m_trim_threshold, 2**31 - 1)
+
+
 class ShardActor:
     """One tensor-parallel rank of one pipeline stage (global rank = stage * tp + tp_rank)."""
 
@@ -18,6 +37,8 @@ class ShardActor:
         self.rank, self.tp, self.pp = rank, tp, pp
         self.device = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")  # Ray sets the GPU
         torch.set_num_threads(max(1, threads))
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.worker = None
 
     def node_id(self) -> str:
