@@ -124,6 +124,7 @@ async def _serve(args) -> None:
     from cluster.engine import Engine
     from router.runner import Runner
     from router.server import Server, ServerConfig
+    from router.service import ServingCore
     from router.tokenizer import Tokenizer
     from router.validation import Defaults, Limits
 
@@ -137,26 +138,36 @@ async def _serve(args) -> None:
         max_len = min(max_len, scaling.original_max_position_embeddings)
     limits = Limits(max_model_len=max_len, vocab_size=engine.vocab_size, max_new_tokens=args.max_new_tokens_limit)
     runner = Runner(engine, tokenizer, args.max_num_seqs, args.max_num_batched_tokens, args.max_waiting,
-                    prefill_latency_factor=args.prefill_latency_factor, max_restarts=args.max_engine_restarts)
+                    prefill_latency_factor=args.prefill_latency_factor, max_restarts=args.max_engine_restarts,
+                    max_model_len=max_len)
     token = Path(args.auth_token_file).read_text().strip() if args.auth_token_file else os.environ.get("QWEN2_AUTH_TOKEN")
     if bool(args.tls_cert_file) != bool(args.tls_key_file):
         raise ValueError("--tls-cert-file and --tls-key-file go together")
     server_config = ServerConfig(host=args.host, port=args.port, max_message_bytes=args.max_message_bytes,
-                                 max_concurrent_rpcs=args.max_concurrent_rpcs, rope_scaling_mode=args.rope_scaling_mode,
+                                 max_concurrent_rpcs=args.max_concurrent_rpcs,
                                  tls_cert_file=args.tls_cert_file, tls_key_file=args.tls_key_file,
                                  tls_client_ca_file=args.tls_client_ca_file, auth_token=token or None,
                                  metrics_port=args.metrics_port or None)
-    server = Server(runner, tokenizer, server_config,
-                    Defaults.from_pretrained(config.model_dir), limits, model_name=Path(config.model_dir).name)
-    await server.start()
+    core = ServingCore(runner, tokenizer, Defaults.from_pretrained(config.model_dir), limits, args.rope_scaling_mode)
+    server = Server(core, server_config, model_name=Path(config.model_dir).name)
     stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):  # after start: ray.init installs handlers of its own
+    for sig in (signal.SIGTERM, signal.SIGINT):  # after init_ray: ray.init installs handlers of its own
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-    print(f"serving {config.model_dir} (tp={config.tensor_parallel_size} pp={config.pipeline_parallel_size}, "
-          f"max_model_len={max_len}) on {args.host}:{server.port}; try: qwen2-client --target {args.host}:{server.port} "
-          f"generate \"Hello\"", file=sys.stderr, flush=True)
-    await stop.wait()
-    print(f"draining (up to {args.drain_timeout:g}s) ...", file=sys.stderr, flush=True)
+    # A signal may come at any moment, the engine's start (minutes for 72B weights) included: it ends that
+    # start, and the same stop() below releases whatever was placed.
+    starting, stopping = asyncio.create_task(server.start()), asyncio.create_task(stop.wait())
+    await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)
+    if starting.done():
+        starting.result()  # a failed start raises here
+        print(f"serving {config.model_dir} (tp={config.tensor_parallel_size} pp={config.pipeline_parallel_size}, "
+              f"max_model_len={core.limits.max_model_len}) on {args.host}:{server.port}; try: qwen2-client --target "
+              f"{args.host}:{server.port} generate \"Hello\"", file=sys.stderr, flush=True)
+        await stopping
+        print(f"draining (up to {args.drain_timeout:g}s) ...", file=sys.stderr, flush=True)
+    else:
+        print("stopping while the engine starts ...", file=sys.stderr, flush=True)
+        starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
     await server.stop(args.drain_timeout)
 
 

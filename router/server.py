@@ -23,18 +23,16 @@ from grpc_status import rpc_status
 
 from qwen2_client.proto import serving_pb2 as pb
 from qwen2_client.proto import serving_pb2_grpc as pb_grpc
-from router.runner import EngineUnavailable, Event, Request, Runner
+from router.runner import EngineUnavailable, Event, Request
 from router.scheduler import QueueFullError
-from router.tokenizer import ChatTemplateError, Tokenizer
-from router.validation import Defaults, Limits, RequestError, validate_parameters, validate_token_ids
-from shards.rope import ORIGINAL, SCALED
+from router.service import Admission, InternalError, ServingCore
+from router.validation import RequestError, validate_parameters, validate_token_ids
+from shards.rope import SCALED
 
 log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 FINISH = {"length": pb.FINISH_REASON_LENGTH, "stop": pb.FINISH_REASON_STOP, "eos": pb.FINISH_REASON_EOS,
           "cancelled": pb.FINISH_REASON_CANCELLED}
-LONG_TEXT_CHARS = 50_000  # tokenized off the event loop from this length on
-CHAT_MESSAGE_CHARS = 32  # what one chat message counts toward max_input_chars beyond its role and content
 
 
 @dataclass
@@ -43,7 +41,6 @@ class ServerConfig:
     port: int = 50051
     max_message_bytes: int = 64 * 2**20
     max_concurrent_rpcs: int | None = None
-    rope_scaling_mode: str = "per-request"  # "per-request", "static" (YaRN for all) or "off"
     tls_cert_file: str | None = None  # PEM certificate chain: serve TLS
     tls_key_file: str | None = None
     tls_client_ca_file: str | None = None  # PEM CA: require client certificates signed by it (mTLS)
@@ -94,7 +91,8 @@ async def _abort(context, code: grpc.StatusCode, message: str, violations=()):
 
 async def _internal(service, context, error: Exception):
     log.exception("request failed: %s", error)
-    service.runner.metrics.failed.labels("internal").inc()
+    if not isinstance(error, InternalError):  # counted where it was raised
+        service.runner.metrics.failed.labels("internal").inc()
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}); see the server log")
 
 
@@ -165,102 +163,54 @@ def stream_errors(handler):
 
 
 class GenerationService(pb_grpc.GenerationServicer):
-    def __init__(self, runner: Runner, tokenizer: Tokenizer, defaults: Defaults, limits: Limits,
-                 config: ServerConfig, model_name: str):
-        self.runner, self.tokenizer, self.defaults, self.limits = runner, tokenizer, defaults, limits
-        self.config, self.model_name = config, model_name
+    """The gRPC API: its messages translated onto the serving core."""
+
+    def __init__(self, core: ServingCore, model_name: str):
+        self.core, self.runner, self.model_name = core, core.runner, model_name
 
     # -- admission --------------------------------------------------------------------------------
-    async def _encode(self, text: str) -> list[int]:
-        """Long texts are tokenized on a thread: the Rust tokenizer lets the event loop stream meanwhile
-        (4M characters take seconds)."""
-        if len(text) < LONG_TEXT_CHARS:
-            return self.tokenizer.encode(text)
-        return await asyncio.to_thread(self.tokenizer.encode, text)
-
-    async def _prompt(self, request) -> tuple[list[int], str | None]:
-        """Token ids of the input (and the rendered chat, for chat input)."""
+    async def _prompt(self, request) -> list[int]:
         which = request.WhichOneof("input")
         if which is None:
             raise RequestError([("input", "one of `text`, `chat` or `token_ids` must be set")])
         if which == "token_ids":
-            return validate_token_ids(request.token_ids.ids, self.limits.vocab_size), None
+            return validate_token_ids(request.token_ids.ids, self.core.limits.vocab_size)
         if which == "text":
-            text = request.text
-            if not text:
+            if not request.text:
                 raise RequestError([("text", "`text` must not be empty")])
-            self._check_size("text", len(text))
-        else:
-            text = self._render_chat(request.chat)
-        return await self._encode(text), (text if which == "chat" else None)
-
-    def _check_size(self, which: str, chars: int) -> None:
-        """Before tokenizing or rendering: the work they take grows with the input."""
-        if chars > self.limits.max_input_chars:
-            raise RequestError([(which, f"`{which}` must be at most {self.limits.max_input_chars} characters, "
-                                        f"got {chars}")])
+            self.core.check_size("text", len(request.text))
+            return await self.core.encode(request.text)
+        return await self.core.encode(self._render_chat(request.chat))
 
     def _render_chat(self, chat) -> str:
-        """The rendered chat, within max_input_chars both before rendering and after."""
-        if not chat.messages:
-            raise RequestError([("chat.messages", "`chat.messages` must not be empty")])
-        for i, m in enumerate(chat.messages):
-            if not m.role:
-                raise RequestError([(f"chat.messages[{i}].role", f"`chat.messages[{i}].role` must not be empty")])
-        # A message counts CHAT_MESSAGE_CHARS beyond its text: rendering one costs about as much as tokenizing
-        # that many characters, and a template may drop it (Qwen2's renders an unknown role as nothing).
-        self._check_size("chat", sum(len(m.role) + len(m.content) + CHAT_MESSAGE_CHARS for m in chat.messages))
         add = chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
-        try:
-            rendered = self.tokenizer.apply_chat_template(
-                [{"role": m.role, "content": m.content} for m in chat.messages], add_generation_prompt=add)
-        except ChatTemplateError as e:
-            raise RequestError([("chat", str(e))]) from None
-        self._check_size("chat", len(rendered))
-        return rendered
-
-    def _rope_variant(self, total_len: int) -> int:
-        scaling = self.runner.engine.model.rope_scaling
-        mode = self.config.rope_scaling_mode
-        if scaling is None or mode == "off":
-            return ORIGINAL
-        if mode == "static" or total_len > scaling.original_max_position_embeddings:
-            return SCALED
-        return ORIGINAL
+        return self.core.render_chat([{"role": m.role, "content": m.content} for m in chat.messages],
+                                     add_generation_prompt=add)
 
     async def _admit(self, request, context) -> Request:
-        failed = self.runner.metrics.failed
-        self.runner.metrics.received.inc()
+        async def read() -> Admission:
+            prompt = await self._prompt(request)
+            given = {f.name: v for f, v in request.parameters.ListFields()}
+            return Admission(prompt, validate_parameters(given, len(prompt), self.core.defaults, self.core.limits))
+
         try:
-            prompt, _ = await self._prompt(request)
-            valid = validate_parameters(request.parameters, len(prompt), self.defaults, self.limits)
-            return self.runner.submit(prompt, valid, self._rope_variant(len(prompt) + valid.max_new_tokens))
+            return await self.core.admit(read)
         except RequestError as e:
-            failed.labels("validation").inc()
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e), e.violations)
         except QueueFullError as e:
-            failed.labels("overloaded").inc()
             await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except EngineUnavailable as e:
-            failed.labels("unavailable").inc()
             await _abort(context, grpc.StatusCode.UNAVAILABLE, str(e))
-        except ValueError as e:  # e.g. a prompt longer than the whole KV cache
-            failed.labels("validation").inc()
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e), [("input", str(e))])
 
     async def _events(self, request: Request, context):
-        """The request's events until its last one; cancels it if the caller goes away first."""
-        try:
-            while True:
-                event: Event = await request.events.get()
-                if event.error is not None:
-                    await _abort(context, grpc.StatusCode.UNAVAILABLE, str(event.error))
-                yield event
-                if event.finish_reason is not None:
-                    return
-        finally:
+        def deadline_passed() -> bool:
             remaining = context.time_remaining()
-            self.runner.cancel(request, "deadline" if remaining is not None and remaining <= 0 else "cancelled")
+            return remaining is not None and remaining <= 0
+
+        async for event in self.core.events(request, deadline_passed):
+            if event.error is not None:
+                await _abort(context, grpc.StatusCode.UNAVAILABLE, str(event.error))
+            yield event
 
     def _final(self, request: Request, event: Event, began: float) -> pb.FinalInfo:
         seq = request.seq
@@ -311,16 +261,16 @@ class GenerationService(pb_grpc.GenerationServicer):
         which = request.WhichOneof("input")
         try:
             if which == "text":
-                self._check_size("text", len(request.text))
-                rendered, ids = None, await self._encode(request.text)
+                self.core.check_size("text", len(request.text))
+                rendered, ids = None, await self.core.encode(request.text)
             elif which == "chat":
                 rendered = self._render_chat(request.chat)
-                ids = await self._encode(rendered)
+                ids = await self.core.encode(rendered)
             else:
                 raise RequestError([("input", "one of `text` or `chat` must be set")])
         except RequestError as e:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e), e.violations)
-        return pb.TokenizeResponse(token_ids=ids, tokens=[self.tokenizer.id_to_token(i) or "" for i in ids],
+        return pb.TokenizeResponse(token_ids=ids, tokens=[self.core.tokenizer.id_to_token(i) or "" for i in ids],
                                    rendered=rendered or "")
 
     @unary_errors
@@ -328,10 +278,10 @@ class GenerationService(pb_grpc.GenerationServicer):
         engine = self.runner.engine
         c = engine.config
         return pb.ModelInfoResponse(
-            model=self.model_name, max_model_len=engine.max_model_len, vocab_size=engine.vocab_size,
+            model=self.model_name, max_model_len=self.core.limits.max_model_len, vocab_size=engine.vocab_size,
             eos_token_ids=engine.eos_token_ids, tensor_parallel_size=c.tensor_parallel_size,
             pipeline_parallel_size=c.pipeline_parallel_size, dtype=str(c.dtype or engine.model.dtype).replace("torch.", ""),
-            device=c.device, max_new_tokens_limit=self.limits.max_new_tokens, num_kv_blocks=engine.num_kv_blocks,
+            device=c.device, max_new_tokens_limit=self.core.limits.max_new_tokens, num_kv_blocks=engine.num_kv_blocks,
             block_size=engine.block_size, version=_version(),
         )
 
@@ -348,9 +298,8 @@ def _version() -> str:
 class Server:
     """gRPC server + engine: `start()` listens at once, serves when the engine is up; `stop()` drains."""
 
-    def __init__(self, runner: Runner, tokenizer: Tokenizer, config: ServerConfig, defaults: Defaults,
-                 limits: Limits, model_name: str):
-        self.runner, self.config, self.model_name = runner, config, model_name
+    def __init__(self, core: ServingCore, config: ServerConfig, model_name: str):
+        self.core, self.runner, self.config, self.model_name = core, core.runner, config, model_name
         options = [("grpc.max_send_message_length", config.max_message_bytes),
                    ("grpc.max_receive_message_length", config.max_message_bytes),
                    # The SDK pings every 30 s (keepalive). gRPC servers by default answer pings more often
@@ -360,7 +309,7 @@ class Server:
         interceptors = [BearerTokenAuth(config.auth_token)] if config.auth_token else []
         self.grpc = grpc.aio.server(options=options, maximum_concurrent_rpcs=config.max_concurrent_rpcs,
                                     interceptors=interceptors)
-        add_generation_service(GenerationService(runner, tokenizer, defaults, limits, config, model_name), self.grpc)
+        add_generation_service(GenerationService(core, model_name), self.grpc)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection([SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], self.grpc)

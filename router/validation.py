@@ -6,8 +6,10 @@ request's violations are reported together, as `google.rpc.BadRequest` field vio
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from shards.sampling import SamplingParams
 
@@ -69,20 +71,23 @@ class ValidRequest:
     ignore_eos: bool = False
 
 
-def _given(params, name: str):
-    return getattr(params, name) if params.HasField(name) else None
-
-
-def validate_parameters(params, prompt_len: int, defaults: Defaults, limits: Limits) -> ValidRequest:
-    """GenerationParameters (proto) -> what the scheduler needs, or RequestError listing every violation."""
+def validate_parameters(given: Mapping[str, Any], prompt_len: int, defaults: Defaults, limits: Limits,
+                        prefix: str = "parameters.", names: Mapping[str, str] = {}) -> ValidRequest:
+    """The request's sampling and stopping fields -> what the scheduler needs, or RequestError listing every
+    violation. `given` holds only the fields the client set (by their gRPC names); each API names a field in
+    its own words: `names` maps a gRPC name to the API's (HTTP says `max_tokens` for `max_new_tokens`), and
+    `prefix` is where the fields sit in the request body."""
     bad: list[tuple[str, str]] = []
+
+    def wire(name: str) -> str:
+        return names.get(name, name)
 
     def check(name: str, value, ok: bool, bound: str):
         if not ok:
-            bad.append((f"parameters.{name}", f"`{name}` must be {bound}, got {value!r}"))
+            bad.append((prefix + wire(name), f"`{wire(name)}` must be {bound}, got {value!r}"))
 
     def number(name: str, default, ok, bound: str):
-        value = _given(params, name)
+        value = given.get(name)
         if value is None:
             return default
         check(name, value, math.isfinite(value) and ok(value), bound)
@@ -95,44 +100,46 @@ def validate_parameters(params, prompt_len: int, defaults: Defaults, limits: Lim
                         "> 0.0 and <= 10.0")
     presence = number("presence_penalty", 0.0, lambda v: -2.0 <= v <= 2.0, ">= -2.0 and <= 2.0")
     frequency = number("frequency_penalty", 0.0, lambda v: -2.0 <= v <= 2.0, ">= -2.0 and <= 2.0")
-    top_k = _given(params, "top_k")
+    top_k = given.get("top_k")
     top_k = defaults.top_k if top_k is None else top_k
-    check("top_k", top_k, top_k <= limits.vocab_size, f"<= the vocabulary size {limits.vocab_size} (0 = off)")
-    logprobs = _given(params, "logprobs") or 0
-    check("logprobs", logprobs, logprobs <= limits.max_logprobs, f"<= {limits.max_logprobs}")
+    check("top_k", top_k, 0 <= top_k <= limits.vocab_size,
+          f">= 0 and <= the vocabulary size {limits.vocab_size} (0 = off)")
+    logprobs = given.get("logprobs") or 0
+    check("logprobs", logprobs, 0 <= logprobs <= limits.max_logprobs, f">= 0 and <= {limits.max_logprobs}")
 
     room = limits.max_model_len - prompt_len
-    asked = _given(params, "max_new_tokens")
+    asked = given.get("max_new_tokens")
     if asked is None:
         max_new = min(defaults.max_new_tokens or limits.default_max_new_tokens, limits.max_new_tokens, max(room, 0))
     else:
         max_new = asked
         check("max_new_tokens", asked, 1 <= asked <= limits.max_new_tokens, f">= 1 and <= {limits.max_new_tokens}")
         if 1 <= asked <= limits.max_new_tokens and asked > room:
-            bad.append(("parameters.max_new_tokens",
-                        f"prompt ({prompt_len} tokens) + `max_new_tokens` ({asked}) must be <= the maximum "
-                        f"model length {limits.max_model_len}"))
+            bad.append((prefix + wire("max_new_tokens"),
+                        f"prompt ({prompt_len} tokens) + `{wire('max_new_tokens')}` ({asked}) must be <= the "
+                        f"maximum model length {limits.max_model_len}"))
     if room < 1:
         bad.append(("input", f"the prompt has {prompt_len} tokens; it must leave room for at least one new token "
                              f"within the maximum model length {limits.max_model_len}"))
 
-    stop = list(params.stop)
+    stop = list(given.get("stop", ()))
     check("stop", f"{len(stop)} strings", len(stop) <= limits.max_stop_sequences,
           f"at most {limits.max_stop_sequences} strings")
     for i, s in enumerate(stop):
         if not 1 <= len(s) <= limits.max_stop_length:
-            bad.append((f"parameters.stop[{i}]",
-                        f"`stop[{i}]` must be 1 to {limits.max_stop_length} characters, got {len(s)}"))
-    stop_ids = list(params.stop_token_ids)
+            bad.append((f"{prefix}{wire('stop')}[{i}]",
+                        f"`{wire('stop')}[{i}]` must be 1 to {limits.max_stop_length} characters, got {len(s)}"))
+    stop_ids = list(given.get("stop_token_ids", ()))
     check("stop_token_ids", f"{len(stop_ids)} ids", len(stop_ids) <= limits.max_stop_sequences,
           f"at most {limits.max_stop_sequences} ids")
     for i, t in enumerate(stop_ids):
-        if t >= limits.vocab_size:
-            bad.append((f"parameters.stop_token_ids[{i}]",
-                        f"`stop_token_ids[{i}]` must be < the vocabulary size {limits.vocab_size}, got {t}"))
+        if not 0 <= t < limits.vocab_size:
+            bad.append((f"{prefix}{wire('stop_token_ids')}[{i}]",
+                        f"`{wire('stop_token_ids')}[{i}]` must be >= 0 and < the vocabulary size {limits.vocab_size}, "
+                        f"got {t}"))
     if bad:
         raise RequestError(bad)
-    seed = _given(params, "seed")
+    seed = given.get("seed")
     return ValidRequest(
         max_new_tokens=max_new,
         sampling=SamplingParams(
@@ -141,7 +148,7 @@ def validate_parameters(params, prompt_len: int, defaults: Defaults, limits: Lim
         ),
         stop=stop,
         stop_token_ids=stop_ids,
-        ignore_eos=bool(_given(params, "ignore_eos")),
+        ignore_eos=bool(given.get("ignore_eos")),
     )
 
 
@@ -149,8 +156,8 @@ def validate_token_ids(ids, vocab_size: int, field_name: str = "token_ids.ids") 
     ids = list(ids)
     if not ids:
         raise RequestError([(field_name, f"`{field_name}` must not be empty")])
-    bad = [(i, t) for i, t in enumerate(ids) if t >= vocab_size][:5]
+    bad = [(i, t) for i, t in enumerate(ids) if not 0 <= t < vocab_size][:5]
     if bad:
-        raise RequestError([(f"{field_name}[{i}]", f"`{field_name}[{i}]` must be < the vocabulary size "
+        raise RequestError([(f"{field_name}[{i}]", f"`{field_name}[{i}]` must be >= 0 and < the vocabulary size "
                                                    f"{vocab_size}, got {t}") for i, t in bad])
     return ids

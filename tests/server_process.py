@@ -84,6 +84,7 @@ class InProcessServer:
         from cluster.engine import Engine
         from router.runner import Runner
         from router.server import Server, ServerConfig
+        from router.service import ServingCore
         from router.tokenizer import Tokenizer
         from router.validation import Defaults, Limits
         from tests.engine_scenarios import engine_config
@@ -100,8 +101,10 @@ class InProcessServer:
                            "max_new_tokens": 512} | (limits_options or {}))
 
         async def build():  # grpc.aio servers belong to the loop they are created on
-            config = ServerConfig(port=free_port(), **(server_options or {}))
-            return Server(self.runner, tokenizer, config, Defaults.from_pretrained(model_dir), limits, model_name="test")
+            options = dict(server_options or {})
+            core = ServingCore(self.runner, tokenizer, Defaults.from_pretrained(model_dir), limits,
+                               options.pop("rope_scaling_mode", "per-request"))
+            return Server(core, ServerConfig(port=free_port(), **options), model_name="test")
 
         self.server = self.call(build())
         self.target = f"127.0.0.1:{self.server.port}"

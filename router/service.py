@@ -1,0 +1,137 @@
+"""The serving core both front doors share: input size limits, chat rendering, tokenization, admission and a
+request's event stream, with the request metrics counted once here.
+
+The gRPC and HTTP APIs only translate their wire formats onto this: a rule (a limit, a default, an error
+class) lives here or below, so the two can never disagree. Admission raises one of three client-facing
+errors, which each API maps to its own status: RequestError (invalid field: INVALID_ARGUMENT / 400),
+QueueFullError (RESOURCE_EXHAUSTED / 429), EngineUnavailable (UNAVAILABLE / 503). Anything else is a bug
+(INTERNAL / 500), logged by the API that caught it.
+"""
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+from router.runner import EngineUnavailable, Event, Request, Runner
+from router.scheduler import QueueFullError
+from router.tokenizer import ChatTemplateError, Tokenizer
+from router.validation import Defaults, Limits, RequestError, ValidRequest
+from shards.rope import ORIGINAL, SCALED
+
+LONG_TEXT_CHARS = 50_000  # tokenized off the event loop from this length on
+CHAT_MESSAGE_CHARS = 32  # what one chat message counts toward max_input_chars beyond its role and content
+
+
+class InternalError(RuntimeError):
+    """A bug met while admitting a request (already counted): the API logs it and answers its internal error."""
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What a request becomes once its API has read it: token ids and checked parameters."""
+
+    prompt_ids: list[int]
+    valid: ValidRequest
+
+
+class ServingCore:
+    def __init__(self, runner: Runner, tokenizer: Tokenizer, defaults: Defaults, limits: Limits,
+                 rope_scaling_mode: str = "per-request"):
+        self.runner, self.tokenizer, self.defaults, self._limits = runner, tokenizer, defaults, limits
+        self.rope_scaling_mode = rope_scaling_mode  # "per-request", "static" (YaRN for all) or "off"
+
+    @property
+    def limits(self) -> Limits:
+        """The served limits; max_model_len never above the runner's (the KV capacity, once the engine is up)."""
+        if self._limits.max_model_len > self.runner.max_model_len:
+            self._limits = dataclasses.replace(self._limits, max_model_len=self.runner.max_model_len)
+        return self._limits
+
+    @property
+    def metrics(self):
+        return self.runner.metrics
+
+    # -- input --------------------------------------------------------------------------------------
+    def check_size(self, field: str, chars: int) -> None:
+        """Before tokenizing or rendering: the work they take grows with the input."""
+        if chars > self.limits.max_input_chars:
+            raise RequestError([(field, f"`{field}` must be at most {self.limits.max_input_chars} characters, "
+                                        f"got {chars}")])
+
+    async def encode(self, text: str) -> list[int]:
+        """Long texts are tokenized on a thread: the Rust tokenizer lets the event loop stream meanwhile
+        (4M characters take seconds)."""
+        if len(text) < LONG_TEXT_CHARS:
+            return self.tokenizer.encode(text)
+        return await asyncio.to_thread(self.tokenizer.encode, text)
+
+    def render_chat(self, messages: list[dict], field: str = "chat.messages", add_generation_prompt: bool = True,
+                    **template_kwargs) -> str:
+        """The rendered chat, within max_input_chars both before rendering and after. `messages` are the
+        template's dicts (role, content, ...); `field` is where they sit in the API's request."""
+        if not messages:
+            raise RequestError([(field, f"`{field}` must not be empty")])
+        for i, m in enumerate(messages):
+            if not m.get("role"):
+                raise RequestError([(f"{field}[{i}].role", f"`{field}[{i}].role` must not be empty")])
+        # A message counts CHAT_MESSAGE_CHARS beyond its text: rendering one costs about as much as tokenizing
+        # that many characters, and a template may drop it (Qwen2's renders an unknown role as nothing).
+        size = sum(len(m["role"]) + len(str(m.get("content") or "")) + CHAT_MESSAGE_CHARS for m in messages)
+        self.check_size(field, size)
+        try:
+            rendered = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                          **template_kwargs)
+        except ChatTemplateError as e:
+            raise RequestError([(field, str(e))]) from None
+        self.check_size(field, len(rendered))
+        return rendered
+
+    def rope_variant(self, total_len: int) -> int:
+        """YaRN only for requests that need it (prompt + max_new_tokens past the original window)."""
+        scaling = self.runner.engine.model.rope_scaling
+        if scaling is None or self.rope_scaling_mode == "off":
+            return ORIGINAL
+        if self.rope_scaling_mode == "static" or total_len > scaling.original_max_position_embeddings:
+            return SCALED
+        return ORIGINAL
+
+    # -- admission and streaming ------------------------------------------------------------------------
+    async def admit(self, read: Callable[[], Awaitable[Admission]]) -> Request:
+        """Read the request (`read` tokenizes and validates) and hand it to the scheduler. Every request is
+        counted, and every refusal by its kind; an unexpected exception is counted `internal` and raised as
+        InternalError for the API to log and answer as its internal error (never as the client's fault)."""
+        metrics = self.metrics
+        metrics.received.inc()
+        try:
+            admission = await read()
+            valid = admission.valid
+            return self.runner.submit(admission.prompt_ids, valid,
+                                      self.rope_variant(len(admission.prompt_ids) + valid.max_new_tokens))
+        except RequestError:
+            metrics.failed.labels("validation").inc()
+            raise
+        except QueueFullError:
+            metrics.failed.labels("overloaded").inc()
+            raise
+        except EngineUnavailable:
+            metrics.failed.labels("unavailable").inc()
+            raise
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            metrics.failed.labels("internal").inc()
+            raise InternalError(f"admission failed: {type(e).__name__}: {e}") from e
+
+    async def events(self, request: Request, deadline_passed: Callable[[], bool] = lambda: False
+                     ) -> AsyncIterator[Event]:
+        """The request's events until its last one (an error event is the last too). If the caller stops
+        reading first (client gone, deadline), the request is cancelled and its KV blocks freed at once."""
+        try:
+            while True:
+                event: Event = await request.events.get()
+                yield event
+                if event.finish_reason is not None or event.error is not None:
+                    return
+        finally:
+            self.runner.cancel(request, "deadline" if deadline_passed() else "cancelled")
