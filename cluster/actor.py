@@ -30,6 +30,10 @@ def keep_freed_memory() -> None:
     libc.mallopt(m_trim_threshold, 2**31 - 1)
 
 
+PROBE_GROUP = "probe"  # a Ray concurrency group of its own for the liveness probe (options: CONCURRENCY_GROUPS)
+CONCURRENCY_GROUPS = {PROBE_GROUP: 1}
+
+
 class ShardActor:
     """One tensor-parallel rank of one pipeline stage (global rank = stage * tp + tp_rank)."""
 
@@ -41,7 +45,10 @@ class ShardActor:
             keep_freed_memory()
         self.worker = None
 
+    @ray.method(concurrency_group=PROBE_GROUP)
     def node_id(self) -> str:
+        """The liveness probe: answered on its own thread, beside a running step, so a long step is never
+        taken for a dead rank."""
         return ray.get_runtime_context().get_node_id()
 
     def rendezvous_address(self, host: str | None) -> str:

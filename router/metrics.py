@@ -59,6 +59,11 @@ class Metrics:
         self.healthy_shards = Gauge("qwen2_healthy_shards", "Shard actors serving (0 when the engine failed)",
                                     registry=r)
         self.restarts = Counter("qwen2_actor_restarts", "Shard actors restarted after a failure", registry=r)
+        self.engine_failures = Counter("qwen2_engine_failures", "Engine loop failures, each followed by a rebuild "
+                                       "(cause: engine = a rank died, timed out or raised; internal = a bug in the "
+                                       "router's loop)", ["cause"], registry=r)
+        self.engine_loop_running = Gauge("qwen2_engine_loop_running", "1 while the engine loop runs (0 before the "
+                                         "engine is up, after shutdown, or if the loop died)", registry=r)
         self.info = Gauge("qwen2_model_info", "The served model and layout (value 1)",
                           ["model", "tensor_parallel_size", "pipeline_parallel_size", "dtype", "device", "version"],
                           registry=r)
@@ -67,6 +72,8 @@ class Metrics:
             self.failed.labels(kind)  # present from the start, so rate() counts each kind's first event
         for reason in ("length", "stop", "eos"):
             self.finished.labels(reason)
+        for cause in ("engine", "internal"):
+            self.engine_failures.labels(cause)
 
     def serve(self, host: str, port: int) -> None:
         start_http_server(port, addr=host, registry=self.registry)

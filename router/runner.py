@@ -64,8 +64,11 @@ class Runner:
     def __init__(self, engine: Engine, tokenizer: Tokenizer, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 2048, max_waiting: int = 256, metrics: Metrics | None = None,
                  prefill_latency_factor: float = 1.5, max_restarts: int = 3, restart_backoff_s: float = 1.0,
-                 probe_interval_s: float = 5.0):
+                 probe_interval_s: float = 5.0, max_model_len: int | None = None):
         self.engine, self.tokenizer = engine, tokenizer
+        # Prompt + generated tokens at most: the asked cap (default the model's), lowered to the KV capacity
+        # once the engine is up.
+        self.max_model_len = min(max_model_len or engine.max_model_len, engine.max_model_len)
         # Engine failures in a row (a completed step resets it) after which in-flight requests end UNAVAILABLE.
         self.max_restarts, self.restart_backoff_s = max_restarts, restart_backoff_s
         self.probe_interval_s = probe_interval_s  # while idle, an empty step this often finds a dead rank
@@ -87,23 +90,49 @@ class Runner:
         self.failure: Exception | None = None
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
+        self._stopping = False
         # Events of the step just completed, handed to the streams once the next step is submitted, so the
         # streams' work (gRPC writes) overlaps the next forward instead of delaying it. None: hand at once.
         self._outbox: list[tuple[Request, Event]] | None = None
 
     async def start(self) -> None:
         await self.engine.start()
+        self._fit_max_model_len()
         self.scheduler = Scheduler(BlockManager(self.engine.num_kv_blocks, self.engine.block_size), **self.limits)
         if self.prefill_latency_factor > 0:  # start cautious beside decodes; it grows while steps stay fast
             self.scheduler.prefill_budget = min(256, self.scheduler.max_num_batched_tokens)
         self._loop_task = asyncio.create_task(self._loop())
+        self._loop_task.add_done_callback(self._loop_ended)
+        self.metrics.engine_loop_running.set(1)
         self.ready = True
         c = self.engine.config
         self.metrics.healthy_shards.set(c.tensor_parallel_size * c.pipeline_parallel_size)
         self.metrics.on_scheduler(self.scheduler)
 
+    def _fit_max_model_len(self) -> None:
+        """Serve no longer a sequence than the KV cache holds whole: one that outgrew it could never finish
+        (preemption recomputes a sequence; it cannot shrink one)."""
+        capacity = self.engine.num_kv_blocks * self.engine.block_size
+        if self.max_model_len > capacity:
+            log.warning("max_model_len %d -> %d: the KV cache holds %d blocks of %d tokens", self.max_model_len,
+                        capacity, self.engine.num_kv_blocks, self.engine.block_size)
+            self.max_model_len = capacity
+        log.info("serving sequences of up to %d tokens (prompt + generated)", self.max_model_len)
+
+    def _loop_ended(self, task: asyncio.Task) -> None:
+        """However the engine loop ends, it shows: in health, in a metric, and in every open request."""
+        self.metrics.engine_loop_running.set(0)
+        if self._stopping:
+            return
+        error = RuntimeError("the engine loop was cancelled") if task.cancelled() else task.exception()
+        if error is not None:
+            log.error("the engine loop died", exc_info=error)
+        if self.failure is None:  # not after _fail: that already ended every request
+            self._fail(error or RuntimeError("the engine loop ended"))
+
     async def shutdown(self) -> None:
         self.ready = False
+        self._stopping = True
         if self._loop_task:
             self._loop_task.cancel()
             try:
@@ -165,45 +194,54 @@ class Runner:
             request.events.put_nowait(event)
 
     async def _loop(self) -> None:
-        depth = max(1, self.engine.config.pipeline_parallel_size)
+        """Steps until shutdown. Any exception, the engine's or a bug's, rebuilds the engine and requeues every
+        sequence (to be recomputed from its tokens); past max_restarts in a row every request ends."""
         in_flight: list[asyncio.Task] = []
         while True:
-            while len(in_flight) < depth:
-                began = time.perf_counter()
-                plans = self.scheduler.schedule()
-                self.metrics.step_phase.labels("schedule").observe(time.perf_counter() - began)
-                for seq in self.scheduler.pop_aborted():  # outgrew the whole KV cache
-                    if seq.seq_id in self.requests:
-                        self._end(self.requests[seq.seq_id], Event(finish_reason="length"))
-                if not plans:
-                    break
-                in_flight.append(asyncio.create_task(self._step(plans)))
-            if self._outbox is not None:
-                try:
-                    await asyncio.sleep(0)  # the new step's task runs up to its submission first
-                finally:
-                    self._flush()
             try:
-                if not in_flight:
-                    await self._idle()
-                    continue
-                plans, results = await in_flight.pop(0)  # steps finish in the order they were submitted
-            except EngineError as e:
+                await self._iteration(in_flight)
+            except Exception as e:
+                if not isinstance(e, EngineError):
+                    log.exception("engine loop failed")
+                self.metrics.engine_failures.labels("engine" if isinstance(e, EngineError) else "internal").inc()
                 if not await self._recover(e, in_flight):
                     return
-                in_flight = []
-                continue
-            self._failures_in_row = 0
+                in_flight.clear()
+
+    async def _iteration(self, in_flight: list[asyncio.Task]) -> None:
+        """Fill the pipeline with steps, then wait for the oldest and apply its results."""
+        depth = max(1, self.engine.config.pipeline_parallel_size)
+        while len(in_flight) < depth:
             began = time.perf_counter()
-            self._outbox = []
-            for seq in self.scheduler.complete(plans, results):
-                request = self.requests.get(seq.seq_id)
-                if request is not None:
-                    self._on_token(request, seq, results)
-            self.metrics.step_phase.labels("detokenize").observe(time.perf_counter() - began)
-            self.metrics.on_step(len(plans), sum(len(p.token_ids) for p in plans), self.engine.last_rank_seconds,
-                                 self.engine.config.tensor_parallel_size)
-            self.metrics.on_scheduler(self.scheduler)
+            plans = self.scheduler.schedule()
+            self.metrics.step_phase.labels("schedule").observe(time.perf_counter() - began)
+            for seq in self.scheduler.pop_aborted():  # outgrew the whole KV cache
+                if seq.seq_id in self.requests:
+                    self._end(self.requests[seq.seq_id], Event(finish_reason="length"))
+            if not plans:
+                break
+            in_flight.append(asyncio.create_task(self._step(plans)))
+        if self._outbox is not None:
+            try:
+                await asyncio.sleep(0)  # the new step's task runs up to its submission first
+            finally:
+                self._flush()
+        if not in_flight:
+            await self._idle()
+            return
+        plans, results = await in_flight[0]  # steps finish in the order they were submitted
+        in_flight.pop(0)
+        began = time.perf_counter()
+        self._outbox = []
+        for seq in self.scheduler.complete(plans, results):
+            request = self.requests.get(seq.seq_id)
+            if request is not None:
+                self._on_token(request, seq, results)
+        self._failures_in_row = 0  # a step went through whole
+        self.metrics.step_phase.labels("detokenize").observe(time.perf_counter() - began)
+        self.metrics.on_step(len(plans), sum(len(p.token_ids) for p in plans), self.engine.last_rank_seconds,
+                             self.engine.config.tensor_parallel_size)
+        self.metrics.on_scheduler(self.scheduler)
 
     async def _step(self, plans):
         began = time.perf_counter()
@@ -265,6 +303,7 @@ class Runner:
         c = self.engine.config
         if self.engine.num_kv_blocks != self.scheduler.blocks.num_total:  # nothing holds a block now
             self.scheduler.blocks = BlockManager(self.engine.num_kv_blocks, self.engine.block_size)
+            self._fit_max_model_len()
         self.metrics.restarts.inc(c.tensor_parallel_size * c.pipeline_parallel_size)
         self.metrics.healthy_shards.set(c.tensor_parallel_size * c.pipeline_parallel_size)
         self.recovering = False
@@ -304,7 +343,7 @@ class Runner:
             if request.detokenizer.stopped:
                 event.finish_reason, event.matched_stop = "stop", request.detokenizer.matched_stop
         if event.finish_reason is None and (len(seq.output_token_ids) >= valid.max_new_tokens
-                                            or seq.num_tokens >= self.engine.max_model_len):
+                                            or seq.num_tokens >= self.max_model_len):
             event.finish_reason = "length"
         if event.finish_reason is None:
             self._hand(request, event)

@@ -166,17 +166,17 @@ def _normalize_messages(messages) -> list[dict]:
 
 
 class Tokenizer:
-    """A checkpoint's tokenizer: byte-level BPE encode/decode, special tokens, eos ids, chat template."""
+    """A checkpoint's tokenizer: byte-level BPE encode/decode, special tokens, chat template. (End-of-sequence
+    ids are the model's: shards.config.Qwen2Config.eos_token_ids.)"""
 
     def __init__(self, tokenizer: _HFTokenizer, *, chat_template: str | None = None,
-                 special_tokens: Mapping[str, str] | None = None, eos_token_ids=()):
+                 special_tokens: Mapping[str, str] | None = None):
         self._tok = tokenizer
         self._compiled: jinja2.Template | None = None
         self.chat_template = chat_template
         # Named special tokens (bos_token, eos_token, ...) as the chat template sees them.
         self.special_tokens = dict(special_tokens or {})
         self.special_ids: set[int] = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
-        self.eos_token_ids: tuple[int, ...] = tuple(int(i) for i in eos_token_ids)
         self.vocab_size: int = tokenizer.get_vocab_size(with_added_tokens=True)
 
     @property
@@ -212,16 +212,7 @@ class Tokenizer:
         if template_file.is_file():  # a separate template file takes priority, as in transformers
             chat_template = template_file.read_text(encoding="utf-8")
 
-        eos_ids: list[int] = []
-        generation = _read_json(model_dir / "generation_config.json")
-        eos = generation.get("eos_token_id")
-        if eos is not None:
-            eos_ids = [eos] if isinstance(eos, int) else list(eos)
-        elif "eos_token" in special_tokens:
-            eos_id = tok.token_to_id(special_tokens["eos_token"])
-            if eos_id is not None:
-                eos_ids = [eos_id]
-        return cls(tok, chat_template=chat_template, special_tokens=special_tokens, eos_token_ids=eos_ids)
+        return cls(tok, chat_template=chat_template, special_tokens=special_tokens)
 
     # --- text <-> ids ---
 

@@ -1,5 +1,6 @@
 """Qwen2 model configuration read from a Hugging Face `config.json`, and the parallel layout checks."""
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +42,7 @@ class Qwen2Config:
     # Per layer: None for full attention, else the window (keys with q_pos - k_pos < window are seen).
     sliding_windows: tuple[int | None, ...] = ()
     dtype: torch.dtype = torch.float32
-    eos_token_ids: tuple[int, ...] = ()
+    eos_token_ids: tuple[int, ...] = ()  # config.json's, plus generation_config.json's (from_pretrained)
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -60,7 +61,6 @@ class Qwen2Config:
         dtype_name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
         if dtype_name not in DTYPES:
             raise ValueError(f"config dtype {dtype_name!r} is not one of {sorted(DTYPES)}")
-        eos = cfg.get("eos_token_id")
         return cls(
             vocab_size=cfg["vocab_size"],
             hidden_size=cfg["hidden_size"],
@@ -76,16 +76,23 @@ class Qwen2Config:
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
             sliding_windows=_read_sliding_windows(cfg, layers),
             dtype=DTYPES[dtype_name],
-            eos_token_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
+            eos_token_ids=_ids(cfg.get("eos_token_id")),
             raw=cfg,
         )
 
     @classmethod
     def from_pretrained(cls, model_dir) -> "Qwen2Config":
+        """config.json, with the end-of-sequence ids of generation_config.json joined to its own: the one
+        source of EOS ids for everything that stops a generation."""
         path = Path(model_dir) / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: a Qwen2 checkpoint directory needs config.json")
-        return cls.from_dict(json.loads(path.read_text()))
+        config = cls.from_dict(json.loads(path.read_text()))
+        generation = Path(model_dir) / "generation_config.json"
+        if not generation.is_file():
+            return config
+        extra = _ids(json.loads(generation.read_text()).get("eos_token_id"))
+        return dataclasses.replace(config, eos_token_ids=tuple(dict.fromkeys(config.eos_token_ids + extra)))
 
     def check_layout(self, tp_size: int, pp_size: int) -> None:
         """Refuse splits that cannot shard this model, naming the numbers involved."""
@@ -101,6 +108,11 @@ class Qwen2Config:
             raise ValueError(
                 f"pipeline_parallel_size={pp_size} exceeds num_hidden_layers={self.num_hidden_layers}"
             )
+
+
+def _ids(value) -> tuple[int, ...]:
+    """An `eos_token_id` field: one id, a list of them, or absent."""
+    return tuple(value if isinstance(value, list) else [] if value is None else [value])
 
 
 def _read_rope(cfg: dict) -> tuple[float, RopeScaling | None]:

@@ -163,25 +163,6 @@ def test_vocab_special_ids_and_id_to_token(tok, hf):
     assert tok.id_to_token(tok.vocab_size + 10) is None
 
 
-# --- eos ids ---
-
-
-def test_eos_from_generation_config(tok, model_dir, tmp_path):
-    # The base-style checkpoint's generation_config.json says 151643.
-    assert tok.eos_token_ids == (ENDOFTEXT,)
-    instruct = tokenizer_dir(model_dir, tmp_path / "instruct", generation_config={"eos_token_id": [IM_END, ENDOFTEXT]})
-    assert Tokenizer.from_pretrained(instruct).eos_token_ids == (IM_END, ENDOFTEXT)
-
-
-def test_eos_from_tokenizer_config_without_generation_config(model_dir, tmp_path):
-    plain = tokenizer_dir(model_dir, tmp_path / "plain")
-    assert Tokenizer.from_pretrained(plain).eos_token_ids == (IM_END,)  # eos_token "<|im_end|>"
-    added = tokenizer_dir(model_dir, tmp_path / "added", config_update={
-        "eos_token": {"__type": "AddedToken", "content": "<|endoftext|>", "special": True}})
-    assert Tokenizer.from_pretrained(added).eos_token_ids == (ENDOFTEXT,)
-    assert Tokenizer.from_pretrained(tokenizer_dir(model_dir, tmp_path / "none", drop=["eos_token"])).eos_token_ids == ()
-
-
 # --- chat template ---
 
 
