@@ -97,7 +97,8 @@ def gather_last_dim(x: torch.Tensor, groups: ParallelGroups) -> torch.Tensor | N
     _count("gather", x)
     x = x.contiguous()
     parts = [torch.empty_like(x) for _ in range(groups.tp_size)] if groups.tp_rank == 0 else None
-    dist.gather(x, parts, group=groups.tp_group, group_dst=0)
+    # dst is a global rank: torch 2.5 (pyproject's floor) has no group_dst.
+    dist.gather(x, parts, dst=groups.tp_root, group=groups.tp_group)
     return torch.cat(parts, dim=-1) if parts is not None else None
 
 

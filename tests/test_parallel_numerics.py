@@ -11,7 +11,7 @@ from shards.rope import ORIGINAL, SCALED
 from tests import ranks
 from tests.multiproc import run_ranks
 
-LAYOUTS = [(1, 1), (2, 1), (4, 1), (1, 2), (2, 2)]  # (tp, pp): at most 4 processes on this machine
+LAYOUTS = [(1, 1), (2, 1), (4, 1), (1, 2), (2, 2), (4, 2)]  # (tp, pp): 4 x 2 is 8 processes, 12-22 s a case on 2 cores
 TOLERANCE = 1e-4  # float32
 
 
