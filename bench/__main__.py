@@ -1,4 +1,4 @@
-"""`python -m bench`: every BENCHMARK.md figure in one run, so all of them see the same machine.
+"""`python -m bench`: every figure of docs/performance.md in one run, so all of them see the same machine.
 
 Order: the machine's limits and the transformers baseline first (nothing else running), then for each TP
 size a real `qwen2-cluster serve` (gRPC + Ray engine) in a subprocess driven through the SDK: offline, the
@@ -56,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--probe-prompt-tokens", type=int, default=64)
     p.add_argument("--prefill-tokens", type=int, default=512)
     p.add_argument("--long-prompt-tokens", type=int, default=8192,
-                   help="BENCHMARK.md says 32768: minutes of prefill on 2 cores, past the 15-minute budget")
+                   help="docs/performance.md says 32768: minutes of prefill on 2 cores, past the 15-minute budget")
     p.add_argument("--long-streams", type=int, default=16)
     p.add_argument("--long-warmup-s", type=float, default=15.0)
     p.add_argument("--kv-cache-memory-gib", type=float, default=1.0, help="per rank")

@@ -1,4 +1,4 @@
-"""The baseline (BENCHMARK.md): `transformers` generate() on the same checkpoint, dtype and threads, static
+"""The baseline (docs/performance.md): `transformers` generate() on the same checkpoint, dtype and threads, static
 batches with left padding, at each tried batch size; the best one is the figure to beat.
 
 A static batch runs until its longest request is done, so it generates past the shorter requests' ends;

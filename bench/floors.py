@@ -1,4 +1,4 @@
-"""This machine's limits, measured in the run, and the step times they allow (BENCHMARK.md, "The limits").
+"""This machine's limits, measured in the run, and the step times they allow (docs/performance.md, "The limits").
 
 A decode step must at least stream every weight matrix once (and each sequence's KV cache) and do its
 multiply-adds; whichever takes longer at the measured rates is the floor. A prefill is compute-bound.

@@ -1,4 +1,4 @@
-"""The **long** workload (BENCHMARK.md) and the peak memory of a long prefill.
+"""The **long** workload (docs/performance.md) and the peak memory of a long prefill.
 
 1. Peak memory: one rank (in this process) prefills an N-token prompt in 2,048-token chunks; reported as
    the growth of the process's peak RSS over its size with weights and KV cache already allocated.

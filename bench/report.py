@@ -1,4 +1,4 @@
-"""The results as BENCHMARK.md asks: every figure with its target, the machine, versions and date, printed as
+"""The results as docs/performance.md asks: every figure with its target, the machine, versions and date, printed as
 a Markdown table (pasted into bench/RESULTS.md as is) and written as JSON."""
 
 import json
@@ -59,7 +59,7 @@ def _ms(seconds: float) -> str:
 
 
 def figures(r: dict) -> list[tuple[str, str]]:
-    """(figure, value) for everything measured, in BENCHMARK.md's order."""
+    """(figure, value) for everything measured, in docs/performance.md's order."""
     rows = []
     if "limits" in r:
         lim = r["limits"]

@@ -1,4 +1,4 @@
-"""The offline and online workloads (BENCHMARK.md): one seeded request mix, driven through the SDK against
+"""The offline and online workloads (docs/performance.md): one seeded request mix, driven through the SDK against
 a running server, greedy with `ignore_eos` so every request generates exactly its max_new_tokens.
 
 Prompts are token ids (random, below the special tokens), so their lengths are exact.

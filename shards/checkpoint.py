@@ -62,7 +62,7 @@ PRESETS: dict[str, dict] = {
     "qwen2-72b": _qwen2(8192, 29568, 80, 64, 8, 152064, False),
     "qwen2-7b-instruct-yarn": _qwen2(3584, 18944, 28, 28, 4, 152064, False, eos=IM_END, rope_scaling=dict(YARN)),
     "qwen2-72b-instruct-yarn": _qwen2(8192, 29568, 80, 64, 8, 152064, False, eos=IM_END, rope_scaling=dict(YARN)),
-    # BENCHMARK.md's CPU model: real vocabulary and LM-head cost, small body.
+    # docs/performance.md's CPU model: real vocabulary and LM-head cost, small body.
     "bench-cpu": _qwen2(512, 1536, 8, 8, 2, 151936, False, sliding_window=32768, torch_dtype="float32"),
     # Tests: real vocabulary so the real tokenizer's ids are valid.
     "tiny": _qwen2(64, 128, 4, 4, 2, 151936, True, max_pos=4096, sliding_window=4096, torch_dtype="float32"),

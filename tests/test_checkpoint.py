@@ -12,7 +12,7 @@ from shards.checkpoint import PRESETS, preset_config, write_random_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
-# DESIGN.md's table: hidden, intermediate, layers, heads, KV heads, vocab, tied.
+# docs/architecture.md's table of the published configs: hidden, intermediate, layers, heads, KV heads, vocab, tied.
 DESIGN_TABLE = {
     "qwen2-0.5b": (896, 4864, 24, 14, 2, 151936, True),
     "qwen2-1.5b": (1536, 8960, 28, 12, 2, 151936, True),

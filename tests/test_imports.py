@@ -1,4 +1,4 @@
-"""DESIGN.md's layering: imports only go downward, and each layer keeps to its own dependencies."""
+"""docs/architecture.md's layering: imports only go downward, and each layer keeps to its own dependencies."""
 
 import ast
 from pathlib import Path

@@ -590,7 +590,7 @@ def layout_config(hidden, inter, layers, heads, kv, vocab, tied) -> Qwen2Config:
         max_window_layers=layers))
 
 
-# DESIGN.md's table: hidden, intermediate, layers, heads, KV heads, vocab, tied.
+# docs/architecture.md's table of the published configs: hidden, intermediate, layers, heads, KV heads, vocab, tied.
 QWEN2_05B = (896, 4864, 24, 14, 2, 151936, True)
 QWEN2_15B = (1536, 8960, 28, 12, 2, 151936, True)
 QWEN2_7B = (3584, 18944, 28, 28, 4, 152064, False)
@@ -651,7 +651,7 @@ def test_valid_real_layouts_pass(model, tp, pp):
     layout_config(*model).check_layout(tp, pp)
 
 
-# DESIGN.md lists these: a rank's query heads straddle two KV heads, so it keeps one KV head per query head.
+# docs/architecture.md lists these: a rank's query heads straddle two KV heads, so it keeps one KV head per query head.
 @pytest.mark.parametrize("model,tp", [(QWEN2_05B, 7), (QWEN2_15B, 3), (QWEN2_7B, 7)],
                          ids=["0.5B-tp7", "1.5B-tp3", "7B-tp7"])
 def test_design_table_layouts_with_kv_heads_not_dividing_tp(model, tp):
