@@ -147,9 +147,9 @@ async def _serve(args) -> None:
                                  max_concurrent_rpcs=args.max_concurrent_rpcs,
                                  tls_cert_file=args.tls_cert_file, tls_key_file=args.tls_key_file,
                                  tls_client_ca_file=args.tls_client_ca_file, auth_token=token or None,
-                                 metrics_port=args.metrics_port or None)
+                                 metrics_port=args.metrics_port or None, http_port=args.http_port or None)
     core = ServingCore(runner, tokenizer, Defaults.from_pretrained(config.model_dir), limits, args.rope_scaling_mode)
-    server = Server(core, server_config, model_name=Path(config.model_dir).name)
+    server = Server(core, server_config, model_name=args.served_model_name or Path(config.model_dir).name)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # after init_ray: ray.init installs handlers of its own
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
@@ -162,6 +162,10 @@ async def _serve(args) -> None:
         print(f"serving {config.model_dir} (tp={config.tensor_parallel_size} pp={config.pipeline_parallel_size}, "
               f"max_model_len={core.limits.max_model_len}) on {args.host}:{server.port}; try: qwen2-client --target "
               f"{args.host}:{server.port} generate \"Hello\"", file=sys.stderr, flush=True)
+        if server.http is not None:
+            scheme = "https" if args.tls_cert_file else "http"
+            print(f"OpenAI-compatible API (model {server.model_name!r}) on {scheme}://{args.host}:{server.http.port}/v1",
+                  file=sys.stderr, flush=True)
         await stopping
         print(f"draining (up to {args.drain_timeout:g}s) ...", file=sys.stderr, flush=True)
     else:
@@ -209,6 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics on --host (0: off)")
+    p.add_argument("--http-port", type=int, default=8000,
+                   help="the OpenAI-compatible HTTP API on --host, beside gRPC (0: off)")
+    p.add_argument("--served-model-name", help="the model's name in both APIs (default: the checkpoint directory's "
+                   "name); HTTP requests naming another get 404 model_not_found")
     p.add_argument("--max-model-len", type=int, help="cap the model's maximum length (prompt + generated)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences in one step at most")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens in one step at most")
@@ -219,10 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="engine failures in a row it is rebuilt after, before requests end UNAVAILABLE")
     p.add_argument("--max-waiting", type=int, default=256, help="queued requests before RESOURCE_EXHAUSTED")
     p.add_argument("--max-new-tokens-limit", type=int, default=4096, help="the most max_new_tokens a request may ask")
-    p.add_argument("--max-message-bytes", type=int, default=64 * 2**20, help="largest gRPC message, either way")
+    p.add_argument("--max-message-bytes", type=int, default=64 * 2**20,
+                   help="largest gRPC message, either way, and largest HTTP request body (413 past it)")
     p.add_argument("--max-concurrent-rpcs", type=int, help="RPCs served at once (default: unbounded)")
     p.add_argument("--rope-scaling-mode", choices=["per-request", "static", "off"], default="per-request")
-    p.add_argument("--tls-cert-file", help="PEM certificate chain: serve gRPC over TLS")
+    p.add_argument("--tls-cert-file", help="PEM certificate chain: serve gRPC and HTTP over TLS")
     p.add_argument("--tls-key-file", help="PEM private key of --tls-cert-file")
     p.add_argument("--tls-client-ca-file", help="PEM CA bundle: require client certificates it signed (mTLS)")
     p.add_argument("--auth-token-file", help="require `authorization: Bearer <token>` (or set QWEN2_AUTH_TOKEN); "

@@ -1,7 +1,8 @@
 """Prometheus metrics: one `qwen2_` prefix, base units (seconds, tokens), low-cardinality labels only.
 
 The Grafana dashboard and the alert rules in helm/ query exactly these names; tests/test_observability.py
-runs every one of their expressions against a real Prometheus scraping a real server.
+runs every one of their expressions against a real Prometheus scraping a real server. The request metrics
+carry `api` (grpc, http): which front door the request came through.
 """
 
 import time
@@ -13,23 +14,26 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                    120.0, 300.0, 600.0)
 TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 131072)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+APIS = ("grpc", "http")
 
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         r = self.registry = registry or CollectorRegistry()
-        self.received = Counter("qwen2_requests_received", "Requests received", registry=r)
+        self.received = Counter("qwen2_requests_received", "Requests received (a sequence each: an HTTP request "
+                                "with n choices counts n)", ["api"], registry=r)
         self.finished = Counter("qwen2_requests_finished", "Requests that completed, by finish reason",
-                                ["finish_reason"], registry=r)
+                                ["finish_reason", "api"], registry=r)
         self.failed = Counter("qwen2_requests_failed", "Requests that did not complete, by error kind "
-                              "(validation, overloaded, cancelled, deadline, unavailable, internal)", ["kind"], registry=r)
+                              "(validation, overloaded, cancelled, deadline, unavailable, internal)", ["kind", "api"],
+                              registry=r)
 
-        def latency(name, doc):
-            return Histogram(name, doc, buckets=LATENCY_BUCKETS, registry=r)
+        def latency(name, doc, labels=()):
+            return Histogram(name, doc, labels, buckets=LATENCY_BUCKETS, registry=r)
 
-        self.ttft = latency("qwen2_time_to_first_token_seconds", "Arrival to first generated token")
-        self.itl = latency("qwen2_inter_token_latency_seconds", "Time between consecutive generated tokens")
-        self.e2e = latency("qwen2_e2e_request_latency_seconds", "Arrival to the last token")
+        self.ttft = latency("qwen2_time_to_first_token_seconds", "Arrival to first generated token", ["api"])
+        self.itl = latency("qwen2_inter_token_latency_seconds", "Time between consecutive generated tokens", ["api"])
+        self.e2e = latency("qwen2_e2e_request_latency_seconds", "Arrival to the last token", ["api"])
         self.queue = latency("qwen2_queue_time_seconds", "Arrival to first scheduled step")
         self.prefill = latency("qwen2_prefill_time_seconds", "First scheduled step to first token")
         self.decode = latency("qwen2_decode_time_seconds", "First token to the last token")
@@ -68,10 +72,12 @@ class Metrics:
                           ["model", "tensor_parallel_size", "pipeline_parallel_size", "dtype", "device", "version"],
                           registry=r)
         self._preemptions_seen = 0
-        for kind in ("validation", "overloaded", "cancelled", "deadline", "unavailable", "internal"):
-            self.failed.labels(kind)  # present from the start, so rate() counts each kind's first event
-        for reason in ("length", "stop", "eos"):
-            self.finished.labels(reason)
+        for api in APIS:  # present from the start, so rate() counts each one's first event
+            self.received.labels(api)
+            for kind in ("validation", "overloaded", "cancelled", "deadline", "unavailable", "internal"):
+                self.failed.labels(kind, api)
+            for reason in ("length", "stop", "eos"):
+                self.finished.labels(reason, api)
         for cause in ("engine", "internal"):
             self.engine_failures.labels(cause)
 
@@ -98,10 +104,10 @@ class Metrics:
         self._preemptions_seen = scheduler.num_preemptions
 
     def on_finish(self, arrival: float, first_scheduled: float | None, first_token: float | None,
-                  generated: int, finish_reason: str) -> None:
+                  generated: int, finish_reason: str, api: str = "grpc") -> None:
         now = time.monotonic()
-        self.finished.labels(finish_reason).inc()
-        self.e2e.observe(now - arrival)
+        self.finished.labels(finish_reason, api).inc()
+        self.e2e.labels(api).observe(now - arrival)
         self.request_generation_tokens.observe(generated)
         if first_scheduled is not None and first_token is not None:
             self.prefill.observe(first_token - first_scheduled)

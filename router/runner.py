@@ -45,6 +45,7 @@ class Request:
     first_token_time: float | None = None
     last_token_time: float | None = None
     finished: bool = False
+    api: str = "grpc"  # the front door it came through (a metrics label)
 
     @property
     def queue_seconds(self) -> float:
@@ -152,13 +153,13 @@ class Runner:
         """What health reports: admitting and the engine up (not failed, not being rebuilt)."""
         return self.ready and self.failure is None and not self.recovering
 
-    def submit(self, prompt_ids: list[int], valid: ValidRequest, rope_variant: int = 0) -> Request:
+    def submit(self, prompt_ids: list[int], valid: ValidRequest, rope_variant: int = 0, api: str = "grpc") -> Request:
         """Admit a request (QueueFullError when the waiting queue is full)."""
         if not self.ready or self.failure is not None:
             raise EngineUnavailable("the engine is not serving" + (f": {self.failure}" if self.failure else ""))
         seq = Sequence(next(self.ids), list(prompt_ids), valid.sampling, rope_variant)
         self.scheduler.add(seq)
-        request = Request(seq, valid, IncrementalDetokenizer(self.tokenizer, valid.stop))
+        request = Request(seq, valid, IncrementalDetokenizer(self.tokenizer, valid.stop), api=api)
         self.requests[seq.seq_id] = request
         self.metrics.prompt_tokens.inc(len(prompt_ids))
         self.metrics.request_prompt_tokens.observe(len(prompt_ids))
@@ -168,14 +169,14 @@ class Runner:
     def cancel(self, request: Request, kind: str = "cancelled") -> None:
         """The client went away or gave up (`kind`: cancelled or deadline): free its blocks now."""
         if not request.finished:
-            self.metrics.failed.labels(kind).inc()
+            self.metrics.failed.labels(kind, request.api).inc()
             self._end(request, Event(finish_reason="cancelled"))
 
     def _end(self, request: Request, event: Event) -> None:
         if event.finish_reason in ("length", "stop", "eos"):
             seq = request.seq
             self.metrics.on_finish(seq.arrival_time, seq.first_scheduled_time, request.first_token_time,
-                                   len(seq.output_token_ids), event.finish_reason)
+                                   len(seq.output_token_ids), event.finish_reason, request.api)
         request.finished = True
         self.requests.pop(request.seq.seq_id, None)
         if self.scheduler is not None:
@@ -318,7 +319,7 @@ class Runner:
         self.recovering = False
         self.metrics.healthy_shards.set(0)
         for request in list(self.requests.values()):
-            self.metrics.failed.labels("unavailable").inc()
+            self.metrics.failed.labels("unavailable", request.api).inc()
             self._end(request, Event(error=EngineUnavailable(f"the engine failed: {error}")))
 
     def _on_token(self, request: Request, seq: Sequence, results: list[dict]) -> None:
@@ -327,10 +328,10 @@ class Runner:
         now = time.monotonic()
         if request.first_token_time is None:
             request.first_token_time = now
-            self.metrics.ttft.observe(now - seq.arrival_time)
+            self.metrics.ttft.labels(request.api).observe(now - seq.arrival_time)
             self.metrics.queue.observe(request.queue_seconds)
         else:
-            self.metrics.itl.observe(now - request.last_token_time)
+            self.metrics.itl.labels(request.api).observe(now - request.last_token_time)
         request.last_token_time = now
         self.metrics.generation_tokens.inc()
         valid, event = request.valid, Event(token_ids=[token], logprobs=[row])

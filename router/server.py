@@ -23,6 +23,7 @@ from grpc_status import rpc_status
 
 from qwen2_client.proto import serving_pb2 as pb
 from qwen2_client.proto import serving_pb2_grpc as pb_grpc
+from router.openai_server import HttpServer
 from router.runner import EngineUnavailable, Event, Request
 from router.scheduler import QueueFullError
 from router.service import Admission, InternalError, ServingCore
@@ -46,6 +47,7 @@ class ServerConfig:
     tls_client_ca_file: str | None = None  # PEM CA: require client certificates signed by it (mTLS)
     auth_token: str | None = None  # require `authorization: Bearer <token>` (health, reflection exempt)
     metrics_port: int | None = None  # Prometheus text on http://host:port/metrics; None: off
+    http_port: int | None = None  # the OpenAI-compatible HTTP API (router/openai_server.py); None: off
 
 
 # Open without a token, so probes and tooling work: the standard health and reflection services.
@@ -92,7 +94,7 @@ async def _abort(context, code: grpc.StatusCode, message: str, violations=()):
 async def _internal(service, context, error: Exception):
     log.exception("request failed: %s", error)
     if not isinstance(error, InternalError):  # counted where it was raised
-        service.runner.metrics.failed.labels("internal").inc()
+        service.runner.metrics.failed.labels("internal", "grpc").inc()
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}); see the server log")
 
 
@@ -296,7 +298,8 @@ def _version() -> str:
 
 
 class Server:
-    """gRPC server + engine: `start()` listens at once, serves when the engine is up; `stop()` drains."""
+    """gRPC server (+ the OpenAI HTTP API beside it) + engine: `start()` listens at once, serves when the engine
+    is up; `stop()` drains both."""
 
     def __init__(self, core: ServingCore, config: ServerConfig, model_name: str):
         self.core, self.runner, self.config, self.model_name = core, core.runner, config, model_name
@@ -323,6 +326,10 @@ class Server:
             self.port = self.grpc.add_secure_port(address, credentials)
         else:
             self.port = self.grpc.add_insecure_port(address)
+        self.http = None if config.http_port is None else HttpServer(
+            core, model_name, _version(), config.host, config.http_port, auth_token=config.auth_token,
+            max_body_bytes=config.max_message_bytes, tls_cert_file=config.tls_cert_file,
+            tls_key_file=config.tls_key_file, tls_client_ca_file=config.tls_client_ca_file)
         self._watch: asyncio.Task | None = None
 
     async def _set_health(self, serving: bool) -> None:
@@ -340,6 +347,10 @@ class Server:
                           str(c.dtype or engine.model.dtype).replace("torch.", ""), c.device, _version())
         await self.grpc.start()
         log.info("gRPC listening on %s:%d (NOT_SERVING until the engine is up)", self.config.host, self.port)
+        if self.http is not None:
+            await self.http.start()
+            log.info("OpenAI-compatible HTTP API on %s:%d (/health 503 until the engine is up)", self.config.host,
+                     self.http.port)
         await self.runner.start()
         await self._set_health(True)
         self._watch = asyncio.create_task(self._watch_engine())
@@ -362,5 +373,7 @@ class Server:
             await asyncio.sleep(0.05)
         if self._watch:
             self._watch.cancel()
-        await self.runner.shutdown()
+        await self.runner.shutdown()  # ends what the drain left: those streams end UNAVAILABLE / 503
+        if self.http is not None:
+            await self.http.stop()
         await self.grpc.stop(grace=1.0)

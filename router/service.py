@@ -67,9 +67,10 @@ class ServingCore:
         return await asyncio.to_thread(self.tokenizer.encode, text)
 
     def render_chat(self, messages: list[dict], field: str = "chat.messages", add_generation_prompt: bool = True,
-                    **template_kwargs) -> str:
+                    continue_final_message: bool = False, template_kwargs: dict | None = None) -> str:
         """The rendered chat, within max_input_chars both before rendering and after. `messages` are the
-        template's dicts (role, content, ...); `field` is where they sit in the API's request."""
+        template's dicts (role, content, ...); `field` is where they sit in the API's request;
+        `template_kwargs` are extra template variables (not the ones the call itself sets)."""
         if not messages:
             raise RequestError([(field, f"`{field}` must not be empty")])
         for i, m in enumerate(messages):
@@ -81,7 +82,8 @@ class ServingCore:
         self.check_size(field, size)
         try:
             rendered = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                          **template_kwargs)
+                                                          continue_final_message=continue_final_message,
+                                                          **(template_kwargs or {}))
         except ChatTemplateError as e:
             raise RequestError([(field, str(e))]) from None
         self.check_size(field, len(rendered))
@@ -97,31 +99,47 @@ class ServingCore:
         return ORIGINAL
 
     # -- admission and streaming ------------------------------------------------------------------------
-    async def admit(self, read: Callable[[], Awaitable[Admission]]) -> Request:
-        """Read the request (`read` tokenizes and validates) and hand it to the scheduler. Every request is
-        counted, and every refusal by its kind; an unexpected exception is counted `internal` and raised as
+    async def admit(self, read: Callable[[], Awaitable[Admission]], api: str = "grpc") -> Request:
+        """Read one request (`read` tokenizes and validates) and hand it to the scheduler."""
+
+        async def read_one() -> list[Admission]:
+            return [await read()]
+
+        return (await self.admit_all(read_one, api))[0]
+
+    async def admit_all(self, read: Callable[[], Awaitable[list[Admission]]], api: str) -> list[Request]:
+        """Read a request that asks for several sequences (n choices, several prompts) and hand them all to the
+        scheduler at once, so they are scheduled together: all of them or none. Each sequence counts as a
+        request received (so ratios of failed or finished to received stay within 1), and every refusal by its
+        kind; `api` (grpc, http) labels them. An unexpected exception is counted `internal` and raised as
         InternalError for the API to log and answer as its internal error (never as the client's fault)."""
         metrics = self.metrics
-        metrics.received.inc()
+        metrics.received.labels(api).inc()
+        submitted: list[Request] = []
+        count = 1
         try:
-            admission = await read()
-            valid = admission.valid
-            return self.runner.submit(admission.prompt_ids, valid,
-                                      self.rope_variant(len(admission.prompt_ids) + valid.max_new_tokens))
-        except RequestError:
-            metrics.failed.labels("validation").inc()
-            raise
-        except QueueFullError:
-            metrics.failed.labels("overloaded").inc()
-            raise
-        except EngineUnavailable:
-            metrics.failed.labels("unavailable").inc()
-            raise
+            admissions = await read()
+            count = len(admissions)
+            metrics.received.labels(api).inc(count - 1)
+            for admission in admissions:
+                valid = admission.valid
+                submitted.append(self.runner.submit(
+                    admission.prompt_ids, valid, self.rope_variant(len(admission.prompt_ids) + valid.max_new_tokens),
+                    api=api))
+            return submitted
         except asyncio.CancelledError:
+            for request in submitted:
+                self.runner.cancel(request)
             raise
         except Exception as e:
-            metrics.failed.labels("internal").inc()
-            raise InternalError(f"admission failed: {type(e).__name__}: {e}") from e
+            kind = ("validation" if isinstance(e, RequestError) else "overloaded" if isinstance(e, QueueFullError)
+                    else "unavailable" if isinstance(e, EngineUnavailable) else "internal")
+            for request in submitted:  # those already queued go with the rest
+                self.runner.cancel(request, kind)
+            metrics.failed.labels(kind, api).inc(count - len(submitted))
+            if kind == "internal":
+                raise InternalError(f"admission failed: {type(e).__name__}: {e}") from e
+            raise
 
     async def events(self, request: Request, deadline_passed: Callable[[], bool] = lambda: False
                      ) -> AsyncIterator[Event]:

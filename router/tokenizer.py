@@ -176,7 +176,9 @@ class Tokenizer:
         self.chat_template = chat_template
         # Named special tokens (bos_token, eos_token, ...) as the chat template sees them.
         self.special_tokens = dict(special_tokens or {})
-        self.special_ids: set[int] = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
+        added = tokenizer.get_added_tokens_decoder()
+        self.special_ids: set[int] = {i for i, t in added.items() if t.special}
+        self._added_ids = set(added)  # spelled as themselves, not in the byte-level alphabet
         self.vocab_size: int = tokenizer.get_vocab_size(with_added_tokens=True)
 
     @property
@@ -235,13 +237,18 @@ class Tokenizer:
     # --- chat ---
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, *,
-                            tools: list[dict] | None = None, documents: list[dict] | None = None,
-                            **template_kwargs) -> str:
+                            continue_final_message: bool = False, tools: list[dict] | None = None,
+                            documents: list[dict] | None = None, **template_kwargs) -> str:
         """The prompt text for `messages`, rendered by the checkpoint's chat template.
 
-        Matches transformers' `apply_chat_template(messages, tokenize=False, add_generation_prompt=...)`.
-        Extra keyword arguments become template variables (e.g. `enable_thinking=False`).
+        Matches transformers' `apply_chat_template(messages, tokenize=False, add_generation_prompt=...,
+        continue_final_message=...)`: the latter ends the text inside the last message (a prefill the model
+        continues) instead of after its end-of-turn. Extra keyword arguments become template variables
+        (e.g. `enable_thinking=False`).
         """
+        if continue_final_message and add_generation_prompt:
+            raise ChatTemplateError("continue_final_message and add_generation_prompt cannot both be set: the "
+                                    "first continues the last message, the second starts a new one")
         if not self.chat_template:
             raise ChatTemplateError("this checkpoint has no chat_template (tokenizer_config.json or "
                                     "chat_template.jinja); send plain text or token ids instead of messages")
@@ -253,12 +260,57 @@ class Tokenizer:
         chat = _normalize_messages(messages)
         variables = {**self.special_tokens, **_plain(template_kwargs)}
         try:
-            return self._compiled.render(messages=chat, tools=_plain(tools), documents=_plain(documents),
-                                         add_generation_prompt=add_generation_prompt, **variables)
+            rendered = self._compiled.render(messages=chat, tools=_plain(tools), documents=_plain(documents),
+                                             add_generation_prompt=add_generation_prompt, **variables)
         except jinja2.exceptions.TemplateError as e:
             raise ChatTemplateError(f"chat template error: {e}") from e
         except (TypeError, ValueError, AttributeError, KeyError, IndexError) as e:
             raise ChatTemplateError(f"chat template failed on these messages: {type(e).__name__}: {e}") from e
+        return _continue_final(rendered, chat) if continue_final_message else rendered
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token stands for (a byte-level BPE token may hold part of a UTF-8 character)."""
+        token = self._tok.id_to_token(token_id)
+        if token is None:  # a padding row of the embedding past the tokenizer's vocabulary
+            return b""
+        if token_id in self._added_ids:
+            return token.encode()
+        try:
+            return bytes(_BYTE_DECODER[c] for c in token)
+        except KeyError:
+            return token.encode()
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: each byte as a printable character (what byte-level BPE tokens are spelled in)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+_BYTE_DECODER = {c: b for b, c in _bytes_to_unicode().items()}
+
+
+def _continue_final(rendered: str, chat: list[dict]) -> str:
+    """Cut the rendered chat right after the last message's text, as transformers does."""
+    final = chat[-1].get("content") if chat else None
+    if isinstance(final, (list, tuple)):
+        final = next((p["text"] for p in reversed(final) if isinstance(p, dict) and isinstance(p.get("text"), str)),
+                     None)
+    if not isinstance(final, str) or final.strip() not in rendered:
+        raise ChatTemplateError("continue_final_message is set but the last message's text does not appear in "
+                                "the rendered chat")
+    at = rendered.rindex(final.strip())
+    if rendered[at:at + len(final.lstrip())] == final:  # the template kept the message's trailing spacing
+        return rendered[:at + len(final.lstrip())]
+    return rendered[:at + len(final.strip())]
 
 
 def _read_json(path: pathlib.Path) -> dict:

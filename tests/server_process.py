@@ -19,11 +19,12 @@ class ServerProcess:
         self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
         self.metrics_port = free_port()
+        self.http_port = free_port()
         exe = Path(sys.executable).parent / "qwen2-cluster"
         model = ["--model", str(model_dir)] if model_dir else []  # None: the built-in demo checkpoint
         cmd = [str(exe), "serve", *model, "--host", "127.0.0.1", "--port", str(self.port),
                "--tensor-parallel-size", str(tp), "--rendezvous-host", "127.0.0.1", "--cpus-per-rank", "0.5",
-               "--block-size", "4", "--metrics-port", str(self.metrics_port), *flags]
+               "--block-size", "4", "--metrics-port", str(self.metrics_port), "--http-port", str(self.http_port), *flags]
         env = dict(os.environ, GLOO_SOCKET_IFNAME="lo")
         self.log = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
@@ -51,10 +52,11 @@ class ServerProcess:
         raise TimeoutError(f"server not serving after {timeout}s:\n{self.output()}")
 
     def metric(self, name: str) -> float:
-        """One unlabelled sample from the server's /metrics."""
+        """A metric from the server's /metrics, summed over its labels (api, ...)."""
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
-            line = next(line for line in r.read().decode().splitlines() if line.startswith(name + " "))
-        return float(line.split()[1])
+            lines = [line for line in r.read().decode().splitlines() if line.startswith((name + " ", name + "{"))]
+        assert lines, f"{name} not exported"
+        return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
 
     def output(self) -> str:
         self.log.flush()
@@ -74,10 +76,11 @@ class ServerProcess:
 
 
 class InProcessServer:
-    """The same server in this process, its event loop on a thread, so tests can inspect the scheduler."""
+    """The same server in this process, its event loop on a thread, so tests can inspect the scheduler.
+    `http=True`: the OpenAI HTTP API too, at `http_url`."""
 
     def __init__(self, model_dir, tp: int = 2, server_options: dict | None = None, engine_options: dict | None = None,
-                 limits_options: dict | None = None, **runner_limits):
+                 limits_options: dict | None = None, http: bool = False, **runner_limits):
         import asyncio
         import threading
 
@@ -104,11 +107,13 @@ class InProcessServer:
             options = dict(server_options or {})
             core = ServingCore(self.runner, tokenizer, Defaults.from_pretrained(model_dir), limits,
                                options.pop("rope_scaling_mode", "per-request"))
-            return Server(core, ServerConfig(port=free_port(), **options), model_name="test")
+            http_port = {"http_port": free_port()} if http else {}
+            return Server(core, ServerConfig(port=free_port(), **http_port, **options), model_name="test")
 
         self.server = self.call(build())
         self.target = f"127.0.0.1:{self.server.port}"
         self.call(self.server.start(), timeout=180)
+        self.http_url = f"http://127.0.0.1:{self.server.http.port}" if http else None
 
     def call(self, coro, timeout: float = 60):
         import asyncio

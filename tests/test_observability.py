@@ -222,9 +222,13 @@ def _scrape(url: str) -> str:
 
 
 def _sample(text: str, name: str) -> float:
-    m = re.search(r"^%s (\S+)$" % re.escape(name), text, re.M)
-    assert m, f"{name} not in the scrape"
-    return float(m.group(1))
+    """`name` or `name{k="v"}`: the sum of its samples with those labels, whatever their others (api)."""
+    metric, _, labels = name.partition("{")
+    want = set(re.findall(r'(\w+)="([^"]*)"', labels))
+    found = [float(value) for have, value in re.findall(r"^%s(?:\{(.*)\})? (\S+)$" % re.escape(metric), text, re.M)
+             if want <= set(re.findall(r'(\w+)="([^"]*)"', have))]
+    assert found, f"{name} not in the scrape"
+    return sum(found)
 
 
 def _traffic(target: str) -> None:
@@ -294,7 +298,7 @@ def stack(prom_tools, tmp_path_factory):
         # Wait until Prometheus holds the final counts (the last requests finished before this scrape).
         received = _sample(scrape, "qwen2_requests_received_total")
         generated = _sample(scrape, "qwen2_generation_tokens_total")
-        prometheus.wait_until(f"qwen2_requests_received_total == {received}")
+        prometheus.wait_until(f"sum(qwen2_requests_received_total) == {received}")
         prometheus.wait_until(f"qwen2_generation_tokens_total >= {generated}")
         prometheus.wait_until("qwen2_waiting_requests == 0 and qwen2_running_requests == 0")
         time.sleep(2)  # a couple more scrapes after the traffic, and rule evaluations
