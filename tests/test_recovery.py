@@ -163,6 +163,6 @@ def test_rebuilds_that_keep_failing_end_requests_unavailable(checkpoints, tmp_pa
             with pytest.raises(UnavailableError, match="engine"):
                 client.generate(token_ids=PROMPTS[0], max_new_tokens=2, timeout=10)
         assert server.runner.metrics.registry.get_sample_value(
-            "qwen2_requests_failed_total", {"kind": "unavailable"}) >= 8
+            "qwen2_requests_failed_total", {"kind": "unavailable", "api": "grpc"}) >= 8
     finally:
         server.stop()
