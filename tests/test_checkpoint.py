@@ -25,7 +25,28 @@ DESIGN_TABLE = {
 }
 SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "vocab_size", "tie_word_embeddings")
+# Parameters in the published checkpoints' safetensors (tied embeddings counted once).
+PUBLISHED_PARAMETERS = {"qwen2-0.5b": 494_032_768, "qwen2-1.5b": 1_543_714_304, "qwen2-7b": 7_615_616_512,
+                        "qwen2-72b": 72_706_203_648, "qwen2-7b-instruct-yarn": 7_615_616_512,
+                        "qwen2-72b-instruct-yarn": 72_706_203_648}
 SMALL_SHARD = 200 * 1024  # one layer of `tiny` is ~140 KB in float32: forces many shards
+
+
+def qwen2_tensor_shapes(hidden, intermediate, layers, heads, kv_heads, vocab, tied) -> dict:
+    """Every tensor of a published Qwen2 checkpoint, by name: its shape (head_dim = hidden / heads)."""
+    kv = kv_heads * (hidden // heads)
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
+    if not tied:
+        shapes["lm_head.weight"] = (vocab, hidden)
+    for i in range(layers):
+        layer = {"input_layernorm.weight": (hidden,), "post_attention_layernorm.weight": (hidden,),
+                 "self_attn.q_proj.weight": (hidden, hidden), "self_attn.q_proj.bias": (hidden,),
+                 "self_attn.k_proj.weight": (kv, hidden), "self_attn.k_proj.bias": (kv,),
+                 "self_attn.v_proj.weight": (kv, hidden), "self_attn.v_proj.bias": (kv,),
+                 "self_attn.o_proj.weight": (hidden, hidden), "mlp.gate_proj.weight": (intermediate, hidden),
+                 "mlp.up_proj.weight": (intermediate, hidden), "mlp.down_proj.weight": (hidden, intermediate)}
+        shapes |= {f"model.layers.{i}.{name}": shape for name, shape in layer.items()}
+    return shapes
 
 
 def _load_all(d):
@@ -70,6 +91,7 @@ def test_transformers_loads_it_unchanged(tiny_dir):
     model, info = transformers.Qwen2ForCausalLM.from_pretrained(d, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     tensors = _load_all(d)
+    assert {name: tuple(t.shape) for name, t in tensors.items()} == qwen2_tensor_shapes(*DESIGN_TABLE["tiny"])
     params = model.state_dict()
     for name, t in tensors.items():
         assert torch.equal(params[name], t), name
@@ -92,8 +114,9 @@ def test_tokenizer_and_configs(tiny_dir):
     assert "chat_template" in json.loads((d / "tokenizer_config.json").read_text())
     for name in ("tokenizer.json", "vocab.json", "merges.txt"):
         assert (d / name).stat().st_size > 0
-    config = json.loads((d / "config.json").read_text())
-    assert config == {**PRESETS["tiny"], "torch_dtype": "float32"}
+    config = transformers.AutoConfig.from_pretrained(d)
+    assert config.model_type == "qwen2" and config.dtype == torch.float32
+    assert tuple(getattr(config, k) for k in SHAPE_KEYS) == DESIGN_TABLE["tiny"]
     gen = json.loads((d / "generation_config.json").read_text())
     assert gen == {"bos_token_id": 151643, "eos_token_id": 151643, "do_sample": False}
     assert transformers.GenerationConfig.from_pretrained(d).eos_token_id == 151643
@@ -149,8 +172,13 @@ def test_preset_shapes(name):
     assert preset["rope_theta"] == 1e6 and preset["rms_norm_eps"] == 1e-6
     assert preset["bos_token_id"] == 151643 and not preset["use_sliding_window"]
     hf = transformers.Qwen2Config(**preset)
-    assert hf.hidden_size == preset["hidden_size"] and hf.vocab_size == preset["vocab_size"]
-    head_dim = preset["hidden_size"] // preset["num_attention_heads"]
+    with torch.device("meta"):  # shapes without memory, even at 72B
+        model = transformers.Qwen2ForCausalLM(hf)
+    params = dict(model.named_parameters())  # a tied LM head is the embedding, listed once
+    assert {n: tuple(p.shape) for n, p in params.items()} == qwen2_tensor_shapes(*DESIGN_TABLE[name])
+    if name in PUBLISHED_PARAMETERS:
+        assert sum(p.numel() for p in params.values()) == PUBLISHED_PARAMETERS[name]
+    head_dim = params["model.layers.0.self_attn.k_proj.weight"].shape[0] // preset["num_key_value_heads"]
     assert head_dim == {"qwen2-0.5b": 64, "bench-cpu": 64, "tiny": 16}.get(name, 128)
     if name.endswith("-yarn"):
         assert preset["eos_token_id"] == 151645
