@@ -9,6 +9,7 @@ away is cancelled and its KV blocks are freed at once.
 """
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import time
@@ -31,6 +32,9 @@ class Event:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     logprobs: list[dict] = field(default_factory=list)
+    # On the first event of a request that asked them: a row per prompt token, None for the first
+    # ({"token_id", "logprob", "top": [(id, logprob), ...]}, as `logprobs`).
+    prompt_logprobs: list[dict | None] | None = None
     finish_reason: str | None = None  # "length", "stop", "eos", "cancelled"
     matched_stop: str | None = None
     error: Exception | None = None
@@ -157,9 +161,15 @@ class Runner:
         """Admit a request (QueueFullError when the waiting queue is full)."""
         if not self.ready or self.failure is not None:
             raise EngineUnavailable("the engine is not serving" + (f": {self.failure}" if self.failure else ""))
-        seq = Sequence(next(self.ids), list(prompt_ids), valid.sampling, rope_variant)
+        sampling = valid.sampling
+        if sampling.min_tokens:  # what would end it is masked until min_tokens were generated
+            eos = () if valid.ignore_eos else self.engine.eos_token_ids
+            sampling = dataclasses.replace(sampling, stop_token_ids=tuple(dict.fromkeys((*valid.stop_token_ids, *eos))))
+        seq = Sequence(next(self.ids), list(prompt_ids), sampling, rope_variant, samples=valid.max_new_tokens > 0)
+        detokenizer = IncrementalDetokenizer(self.tokenizer, valid.stop, valid.skip_special_tokens,
+                                             valid.include_stop_str_in_output, sampling.min_tokens)
         self.scheduler.add(seq)
-        request = Request(seq, valid, IncrementalDetokenizer(self.tokenizer, valid.stop), api=api)
+        request = Request(seq, valid, detokenizer, api=api)
         self.requests[seq.seq_id] = request
         self.metrics.prompt_tokens.inc(len(prompt_ids))
         self.metrics.request_prompt_tokens.observe(len(prompt_ids))
@@ -323,6 +333,11 @@ class Runner:
             self._end(request, Event(error=EngineUnavailable(f"the engine failed: {error}")))
 
     def _on_token(self, request: Request, seq: Sequence, results: list[dict]) -> None:
+        asked_prompt_logprobs = seq.sampling.prompt_logprobs is not None
+        if not seq.samples:  # only the prompt's logprobs were asked: done once it is computed
+            self._end(request, Event(prompt_logprobs=seq.prompt_logprobs if asked_prompt_logprobs else None,
+                                     finish_reason="length"))
+            return
         token = seq.output_token_ids[-1]
         row = next(r for r in results if r["seq_id"] == seq.seq_id)
         now = time.monotonic()
@@ -335,10 +350,12 @@ class Runner:
         request.last_token_time = now
         self.metrics.generation_tokens.inc()
         valid, event = request.valid, Event(token_ids=[token], logprobs=[row])
-        if token in valid.stop_token_ids:
-            event.finish_reason = "stop"
-        elif token in self.engine.eos_token_ids and not valid.ignore_eos:
-            event.finish_reason = "eos"
+        if asked_prompt_logprobs and len(seq.output_token_ids) == 1:
+            event.prompt_logprobs = seq.prompt_logprobs
+        if token in valid.stop_token_ids or (token in self.engine.eos_token_ids and not valid.ignore_eos):
+            event.finish_reason = "stop" if token in valid.stop_token_ids else "eos"
+            if valid.include_stop_str_in_output:
+                event.text = request.detokenizer.add(token)
         else:
             event.text = request.detokenizer.add(token)
             if request.detokenizer.stopped:

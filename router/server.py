@@ -226,9 +226,11 @@ class GenerationService(pb_grpc.GenerationServicer):
         )
 
     @staticmethod
-    def _logprobs(rows: list[dict]) -> list[pb.TokenLogprob]:
+    def _logprobs(rows: list[dict | None]) -> list[pb.TokenLogprob]:
+        """Rows as messages; a None row (the first prompt token's: no context) has none."""
         return [pb.TokenLogprob(token_id=r["token_id"], logprob=r["logprob"],
-                                top=[pb.TopLogprob(token_id=t, logprob=lp) for t, lp in r["top"]]) for r in rows]
+                                top=[pb.TopLogprob(token_id=t, logprob=lp) for t, lp in r["top"]])
+                for r in rows if r is not None]
 
     # -- RPCs -------------------------------------------------------------------------------------
     @stream_errors
@@ -238,7 +240,8 @@ class GenerationService(pb_grpc.GenerationServicer):
         request_id = request.request_id or uuid.uuid4().hex
         async for event in self._events(admitted, context):
             out = pb.GenerateStreamResponse(request_id=request_id, text=event.text, token_ids=event.token_ids,
-                                            logprobs=self._logprobs(event.logprobs))
+                                            logprobs=self._logprobs(event.logprobs),
+                                            prompt_logprobs=self._logprobs(event.prompt_logprobs or []))
             if event.finish_reason is not None:
                 out.final.CopyFrom(self._final(admitted, event, began))
             yield out
@@ -253,6 +256,7 @@ class GenerationService(pb_grpc.GenerationServicer):
             text.append(event.text)
             out.token_ids.extend(event.token_ids)
             out.logprobs.extend(self._logprobs(event.logprobs))
+            out.prompt_logprobs.extend(self._logprobs(event.prompt_logprobs or []))
             if event.finish_reason is not None:
                 out.final.CopyFrom(self._final(admitted, event, began))
         out.text = "".join(text)
