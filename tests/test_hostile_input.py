@@ -88,6 +88,16 @@ def messages(draw, descriptor, depth: int = 0):
         nested = field.type == F.TYPE_MESSAGE
         if not draw(st.booleans()) or (nested and depth > 3):
             continue
+        if nested and field.message_type.GetOptions().map_entry:  # map<K, V>: random keys to random values
+            key, value = field.message_type.fields_by_name["key"], field.message_type.fields_by_name["value"]
+            container = getattr(message, field.name)
+            if value.type == F.TYPE_MESSAGE:
+                for k, v in draw(st.dictionaries(SCALARS[key.type], messages(value.message_type, depth + 1),
+                                                 max_size=4)).items():
+                    container[k].CopyFrom(v)
+            else:
+                container.update(draw(st.dictionaries(SCALARS[key.type], SCALARS[value.type], max_size=20)))
+            continue
         values = messages(field.message_type, depth + 1) if nested else SCALARS[field.type]
         if field.is_repeated:
             container = getattr(message, field.name)
