@@ -144,6 +144,7 @@ class Runner:
                 await self._loop_task
             except (asyncio.CancelledError, Exception):
                 pass
+        self._flush()
         for request in list(self.requests.values()):
             self._end(request, Event(error=EngineUnavailable("server is shutting down")))
         await self.engine.shutdown()
@@ -292,6 +293,7 @@ class Runner:
         """Rebuild the engine and requeue every sequence, to be recomputed from its tokens; its stream
         pauses. False once max_restarts failures came in a row: then every request ends UNAVAILABLE."""
         log.error("engine failed: %s; rebuilding it", error)
+        self._flush()  # events of a step applied in part go out before the pause
         began = time.perf_counter()
         self.recovering = True
         self.metrics.healthy_shards.set(0)
@@ -325,6 +327,7 @@ class Runner:
     def _fail(self, error: Exception) -> None:
         """Recovery gave up: every request ends UNAVAILABLE and health stays NOT_SERVING."""
         log.error("engine failed for good: %s", error)
+        self._flush()  # events of a step applied in part go out first
         self.failure = error
         self.recovering = False
         self.metrics.healthy_shards.set(0)

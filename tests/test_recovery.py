@@ -166,3 +166,90 @@ def test_rebuilds_that_keep_failing_end_requests_unavailable(checkpoints, tmp_pa
             "qwen2_requests_failed_total", {"kind": "unavailable", "api": "grpc"}) >= 8
     finally:
         server.stop()
+
+
+class FailStepResults:
+    """on_progress: once every stream has KILL_AFTER tokens, make the router's result path raise (as
+    Scheduler.complete does on results it cannot apply), `times` times in a row."""
+
+    def __init__(self, server: InProcessServer, times: int = 1, also_requeue: bool = False):
+        self.server, self.times, self.also_requeue, self.at = server, times, also_requeue, None
+
+    def __call__(self, streams: Streams) -> None:
+        if self.at is not None or not all(len(t) >= KILL_AFTER for t in streams.tokens):
+            return
+        scheduler = self.server.runner.scheduler
+        complete, left = scheduler.complete, [self.times]
+
+        def faulty(plans, results):
+            if left[0] > 0:
+                left[0] -= 1
+                raise ValueError("injected fault in the result path")
+            return complete(plans, results)
+
+        def faulty_requeue():
+            raise RuntimeError("injected fault while recovering")
+
+        scheduler.complete = faulty
+        if self.also_requeue:
+            scheduler.requeue_all = faulty_requeue
+        self.at = time.monotonic()
+
+
+def failures(server: InProcessServer, cause: str) -> float:
+    return server.runner.metrics.registry.get_sample_value("qwen2_engine_failures_total", {"cause": cause})
+
+
+def test_a_bug_in_the_result_path_rebuilds_the_engine_and_streams_go_on(undisturbed):
+    server, expected = undisturbed
+    before, health = failures(server, "internal"), HealthLog(server.target)
+    fault = FailStepResults(server)
+    streams = Streams(server.target).run(fault)
+    seen = health.stop()
+    del server.runner.scheduler.complete  # the instance attribute: back to the class's method
+    assert fault.at is not None
+    assert streams.errors == [None] * 8, streams.errors
+    assert streams.tokens == expected
+    assert failures(server, "internal") - before == 1
+    assert "NOT_SERVING" in seen and seen[-1] == "SERVING", seen
+
+
+@pytest.mark.parametrize("fault", ["every step", "recovery too"])
+def test_an_engine_loop_that_cannot_go_on_ends_every_request_and_health(checkpoints, fault):
+    """A fault on every step exhausts the restarts; a fault in recovery itself ends the loop task. Either
+    way no stream hangs: each ends UNAVAILABLE, health is NOT_SERVING, new requests are refused."""
+    server = InProcessServer(checkpoints["gqa-untied"], tp=1, max_num_seqs=8, **RECOVERY)
+    try:
+        streams = Streams(server.target).run(FailStepResults(server, times=10**6, also_requeue=fault == "recovery too"))
+        assert all(isinstance(e, UnavailableError) for e in streams.errors), streams.errors
+        with Client(server.target) as client:
+            deadline = time.monotonic() + 5  # health follows the runner within its 0.1 s watch
+            while client.health() != "NOT_SERVING" and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert client.health() == "NOT_SERVING"
+            with pytest.raises(UnavailableError, match="engine"):
+                client.generate(token_ids=PROMPTS[0], max_new_tokens=2, timeout=10)
+        assert server.runner.metrics.registry.get_sample_value("qwen2_engine_loop_running") == 0
+    finally:
+        server.stop()
+
+
+def test_a_slow_step_is_not_taken_for_a_dead_rank(undisturbed):
+    """The liveness probe answers beside a running step: a step far longer than the probe timeout, but
+    within the step timeout, completes without a rebuild."""
+    server, expected = undisturbed
+    engine = server.runner.engine
+    before, probe_timeout = restarts(server), engine.config.probe_timeout_s
+    engine.config.probe_timeout_s = 0.3
+    try:
+        def stall_a_rank(streams: Streams) -> None:
+            if not hasattr(stall_a_rank, "at") and all(len(t) >= KILL_AFTER for t in streams.tokens):
+                stall_a_rank.at = time.monotonic()  # the rank's next step waits behind 3 s of other work
+                engine.actors[1].__ray_call__.remote(lambda actor: time.sleep(3))
+
+        streams = Streams(server.target).run(stall_a_rank)
+    finally:
+        engine.config.probe_timeout_s = probe_timeout
+    assert streams.errors == [None] * 8 and streams.tokens == expected
+    assert max(b - a for ts in streams.times for a, b in zip(ts, ts[1:])) > 2.5  # the stall did happen
+    assert restarts(server) == before
