@@ -468,7 +468,7 @@ class OpenAIApi:
             ids = validate_token_ids(body.tokens, self.core.limits.vocab_size, "tokens") if body.tokens else []
         except RequestError as e:
             raise _refusal(e) from None
-        return DetokenizeResponse(prompt=self.core.tokenizer.decode(ids))
+        return DetokenizeResponse(prompt=self.core.tokenizer.decode(ids, skip_special_tokens=False))
 
     def models(self) -> ModelList:
         return ModelList(data=[self.model_card()])
@@ -517,29 +517,46 @@ def _validation_error(e: RequestValidationError, content_type: str) -> ApiError:
     return ApiError(400, "; ".join(messages[:5]), param=_param(errors[0]["loc"]) if errors else None)
 
 
-class BearerAuth:
-    """Refuse requests without the configured bearer token (compared in constant time); /health is open."""
+class Gate:
+    """Before any route reads a body: the bearer token (compared in constant time; /health is open) and the body
+    size (413 at once when Content-Length says it is too large, or as soon as a chunked body's bytes pass the
+    limit, never reading more than the limit into memory)."""
 
-    def __init__(self, app, token: str):
-        self.app, self.expected = app, f"Bearer {token}".encode()
+    def __init__(self, app, auth_token: str | None, max_body_bytes: int):
+        self.app, self.max_body_bytes = app, max_body_bytes
+        self.expected = f"Bearer {auth_token}".encode() if auth_token else None
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"] != "/health":
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
-                response = ApiError(401, "missing or wrong bearer token (Authorization: Bearer <token>)",
-                                    code="invalid_api_key").response()
-                return await response(scope, receive, send)
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if self.expected is not None and scope["path"] != "/health":
+            if not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
+                error = ApiError(401, "missing or wrong bearer token (Authorization: Bearer <token>)",
+                                 code="invalid_api_key")
+                return await error.response()(scope, receive, send)
+        length = headers.get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.max_body_bytes:
+            return await self._too_large().response()(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_body_bytes:
+                raise HTTPException(413)  # answered by the app's handler below
+            return message
+
+        await self.app(scope, limited, send)
+
+    def _too_large(self) -> ApiError:
+        return ApiError(413, f"the body is larger than {self.max_body_bytes} bytes", code="request_too_large")
 
 
-def build_app(api: OpenAIApi, version: str, auth_token: str | None, max_body_bytes: int) -> FastAPI:
-    """The routes, OpenAI's error object for every error, the bearer token (health exempt) and the body limit
-    (a body past it gets 413 as soon as its Content-Length, or its bytes so far, say so)."""
-    app = FastAPI(title="qwen2-cluster OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None,
-                  max_body_size=max_body_bytes)
-    if auth_token:
-        app.add_middleware(BearerAuth, token=auth_token)
+def build_app(api: OpenAIApi, version: str, auth_token: str | None, max_body_bytes: int) -> Gate:
+    """The routes behind the Gate, with OpenAI's error object for every error."""
+    app = FastAPI(title="qwen2-cluster OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
     runner = api.runner
 
     @app.exception_handler(ApiError)
@@ -600,7 +617,7 @@ def build_app(api: OpenAIApi, version: str, auth_token: str | None, max_body_byt
     async def get_version():
         return {"version": version}
 
-    return app
+    return Gate(app, auth_token, max_body_bytes)
 
 
 class _Uvicorn(uvicorn.Server):
