@@ -161,3 +161,91 @@ def test_sigterm_under_load_drains_every_admitted_request(cache_home, served):
         assert drain.proc.wait(60) == 0
     finally:
         drain.stop()
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every live process below `pid` (Ray's GCS, raylet and workers, the ranks among them)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _rank_pid(server: ServerProcess) -> int:
+    for pid in _descendants(server.proc.pid):
+        try:
+            if b"ShardActor" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return pid
+        except OSError:
+            continue
+    raise AssertionError("no ShardActor process under the server")
+
+
+def _assert_clean_exit(server: ServerProcess, processes: set[int]) -> None:
+    assert server.proc.wait(90) == 0, server.output()
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in processes) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in processes if _alive(p)], "Ray processes outlived the server"
+    out = server.output()
+    assert "Traceback" not in out and "core dumped" not in out and "Aborted" not in out, out
+
+
+@pytest.mark.parametrize("moment", ["while the engine starts", "while idle", "while the engine is rebuilt"])
+def test_sigterm_at_any_moment_exits_cleanly(cache_home, served, moment):
+    """Exit 0, no traceback, every Ray process (ranks included) gone, an open stream ended rather than hung."""
+    os.environ["XDG_CACHE_HOME"] = str(cache_home)  # the demo checkpoint is in the cache already
+    try:
+        server = ServerProcess(None, "--drain-timeout", "5", tp=1)
+    finally:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    stream_ended = threading.Event()
+    try:
+        if moment == "while the engine starts":
+            deadline = time.monotonic() + 120
+            while "gRPC listening" not in server.output() or not _descendants(server.proc.pid):
+                assert time.monotonic() < deadline, server.output()
+                time.sleep(0.05)
+            assert server.health() == health_pb2.HealthCheckResponse.NOT_SERVING
+        else:
+            server.wait_serving()
+        if moment == "while the engine is rebuilt":
+            def stream():
+                try:
+                    with Client(server.target, retry=RetryPolicy(max_attempts=1)) as client:
+                        for _ in client.generate_stream("long", max_new_tokens=4000, ignore_eos=True, timeout=120):
+                            pass
+                except Qwen2Error:
+                    pass
+                stream_ended.set()
+
+            threading.Thread(target=stream, daemon=True).start()
+            time.sleep(1)
+            os.kill(_rank_pid(server), signal.SIGKILL)
+            deadline = time.monotonic() + 60
+            while server.health() != health_pb2.HealthCheckResponse.NOT_SERVING:
+                assert time.monotonic() < deadline, server.output()
+                time.sleep(0.02)
+        processes = _descendants(server.proc.pid)
+        server.proc.send_signal(signal.SIGTERM)
+        _assert_clean_exit(server, processes)
+        if moment == "while the engine is rebuilt":
+            assert stream_ended.wait(30)
+    finally:
+        server.stop()
