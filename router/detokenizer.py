@@ -26,8 +26,10 @@ tokens long whatever the output length.
 
 Stop strings are matched on the emitted text stream: any tail that could be the
 beginning of a stop string is held back, and when a stop string completes only
-the text before it is emitted. If several could match, the one that completes
-first in the text wins (ties: the one starting first).
+the text before it is emitted (through it with include_stop_str_in_output). If
+several could match, the one that completes first in the text wins (ties: the one
+starting first). With min_tokens, stop strings are looked for only from the
+min_tokens-th token on (vLLM's rule): earlier text is emitted as is.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ _MAX_EMPTY_RUN = 16
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Tokenizer, stop=(), skip_special_tokens: bool = True):
+    def __init__(self, tokenizer: Tokenizer, stop=(), skip_special_tokens: bool = True,
+                 include_stop_str_in_output: bool = False, min_tokens: int = 0):
         stop = [stop] if isinstance(stop, str) else list(stop or ())
         if any(not isinstance(s, str) or not s for s in stop):
             raise ValueError("stop strings must be non-empty strings")
@@ -50,6 +53,8 @@ class IncrementalDetokenizer:
         self._skip_special = skip_special_tokens
         self._stop = tuple(dict.fromkeys(stop))  # de-duplicated, order kept
         self._max_stop = max((len(s) for s in self._stop), default=0)
+        self._include_stop = include_stop_str_in_output
+        self._min_tokens = min_tokens
 
         self._ids: list[int] = []
         self._prefix_offset = 0
@@ -131,7 +136,7 @@ class IncrementalDetokenizer:
     # --- stop strings ---
 
     def _emit(self, delta: str, *, final: bool) -> str:
-        if not self._stop:
+        if not self._stop or len(self._ids) < self._min_tokens:
             return self._append(delta)
         buf = self._pending + delta
         if not buf:
@@ -142,7 +147,7 @@ class IncrementalDetokenizer:
             self.stopped = True
             self.matched_stop = stop
             self._pending = ""
-            return self._append(buf[:start])
+            return self._append(buf[:start + len(stop) if self._include_stop else start])
         keep = 0 if final else self._stop_prefix_len(buf)
         self._pending = buf[len(buf) - keep:] if keep else ""
         return self._append(buf[:len(buf) - keep])

@@ -82,6 +82,9 @@ class Sequence:
     in_flight: bool = False  # part of a step that has not returned yet
     first_scheduled_time: float | None = None
     num_preemptions: int = 0
+    samples: bool = True  # False: only its prompt is computed (for its prompt logprobs), nothing sampled
+    # With sampling.prompt_logprobs: a row per prompt token computed so far, None for the first (no context).
+    prompt_logprobs: list[dict | None] = field(default_factory=lambda: [None])
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -227,23 +230,29 @@ class Scheduler:
                    if len(p.token_ids) > 1 and p.seq_id in self._seqs and self.is_long(self._seqs[p.seq_id]))
 
     def complete(self, plans: list[SeqPlan], results: list[dict]) -> list[Sequence]:
-        """Apply a finished step; returns the sequences that got a new token, in plan order.
+        """Apply a finished step; returns the sequences that got a new token (or, not sampling, whose prompt
+        is now computed), in plan order. Prompt logprob rows are kept on their sequence.
 
         Plans of sequences finished or requeued since schedule() are ignored, with their results.
         """
         by_id = {r["seq_id"]: r for r in results}
         live = [p for p in plans if self._planned.get(p.seq_id) is p]
-        missing = [p.seq_id for p in live if p.sampling is not None and p.seq_id not in by_id]
+        missing = [p.seq_id for p in live
+                   if (p.sampling is not None or p.prompt_logprobs is not None) and p.seq_id not in by_id]
         if missing:  # checked before changing anything, so the caller can still requeue_all()
-            raise ValueError(f"step results have no token for sampling sequences {missing}")
+            raise ValueError(f"step results have no token for sampling sequences {missing} (or no prompt rows)")
         sampled = []
         for plan in live:
             seq = self._seqs[plan.seq_id]
             del self._planned[plan.seq_id]
             seq.in_flight = False
             seq.num_computed_tokens = plan.start + len(plan.token_ids)
+            if plan.prompt_logprobs is not None:  # rows of positions start + 1...; a recompute overwrites them
+                seq.prompt_logprobs[plan.start + 1:] = by_id[plan.seq_id]["prompt_logprobs"]
             if plan.sampling is not None:
                 seq.output_token_ids.append(by_id[plan.seq_id]["token_id"])
+                sampled.append(seq)
+            elif not seq.samples and seq.num_computed_tokens == seq.num_tokens:
                 sampled.append(seq)
         return sampled
 
@@ -295,8 +304,10 @@ class Scheduler:
 
     def _plan(self, seq: Sequence, chunk: int) -> SeqPlan:
         start, end = seq.num_computed_tokens, seq.num_computed_tokens + chunk
-        samples = end == seq.num_tokens
+        samples = end == seq.num_tokens and seq.samples
         penalised = seq.sampling.repetition_penalty != 1.0
+        # Prompt logprobs until they are delivered (with the first token), recomputed after a preemption.
+        scores = seq.sampling.prompt_logprobs is not None and not seq.output_token_ids
         plan = SeqPlan(
             seq_id=seq.seq_id,
             token_ids=seq.tokens(start, end),
@@ -306,6 +317,8 @@ class Scheduler:
             sampling=seq.sampling if samples else None,
             prompt_token_ids=list(seq.prompt_token_ids) if samples and penalised else [],
             output_token_ids=list(seq.output_token_ids) if samples else [],  # its length seeds the RNG counter
+            prompt_logprobs=seq.sampling.prompt_logprobs if scores else None,
+            next_token_id=seq.prompt_token_ids[end] if scores and end < len(seq.prompt_token_ids) else None,
         )
         seq.in_flight = True
         if seq.first_scheduled_time is None:

@@ -31,6 +31,7 @@ class Limits:
     max_stop_sequences: int = 16
     max_stop_length: int = 256  # characters per stop string
     max_logprobs: int = 20
+    max_logit_bias: int = 300  # entries of logit_bias
     max_input_chars: int = 4_000_000
 
 
@@ -69,6 +70,8 @@ class ValidRequest:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    skip_special_tokens: bool = True  # in the text (token ids are always all there)
+    include_stop_str_in_output: bool = False  # the matched stop string, or the stop/EOS token's text
 
 
 def validate_parameters(given: Mapping[str, Any], prompt_len: int, defaults: Defaults, limits: Limits,
@@ -106,6 +109,10 @@ def validate_parameters(given: Mapping[str, Any], prompt_len: int, defaults: Def
           f">= 0 and <= the vocabulary size {limits.vocab_size} (0 = off)")
     logprobs = given.get("logprobs") or 0
     check("logprobs", logprobs, 0 <= logprobs <= limits.max_logprobs, f">= 0 and <= {limits.max_logprobs}")
+    prompt_logprobs = given.get("prompt_logprobs")  # None: not asked
+    if prompt_logprobs is not None:
+        check("prompt_logprobs", prompt_logprobs, 0 <= prompt_logprobs <= limits.max_logprobs,
+              f">= 0 and <= {limits.max_logprobs}")
 
     room = limits.max_model_len - prompt_len
     asked = given.get("max_new_tokens")
@@ -113,14 +120,20 @@ def validate_parameters(given: Mapping[str, Any], prompt_len: int, defaults: Def
         max_new = min(defaults.max_new_tokens or limits.default_max_new_tokens, limits.max_new_tokens, max(room, 0))
     else:
         max_new = asked
-        check("max_new_tokens", asked, 1 <= asked <= limits.max_new_tokens, f">= 1 and <= {limits.max_new_tokens}")
+        # 0 only for the prompt's logprobs alone (OpenAI's echo with max_tokens 0)
+        low = 0 if prompt_logprobs is not None else 1
+        check("max_new_tokens", asked, low <= asked <= limits.max_new_tokens, f">= {low} and <= "
+              f"{limits.max_new_tokens}" + ("" if low == 0 else f" (0 only with `{wire('prompt_logprobs')}`)"))
         if 1 <= asked <= limits.max_new_tokens and asked > room:
             bad.append((prefix + wire("max_new_tokens"),
                         f"prompt ({prompt_len} tokens) + `{wire('max_new_tokens')}` ({asked}) must be <= the "
                         f"maximum model length {limits.max_model_len}"))
-    if room < 1:
-        bad.append(("input", f"the prompt has {prompt_len} tokens; it must leave room for at least one new token "
-                             f"within the maximum model length {limits.max_model_len}"))
+    min_tokens = given.get("min_tokens") or 0
+    check("min_tokens", min_tokens, 0 <= min_tokens <= max_new, f">= 0 and <= `{wire('max_new_tokens')}` ({max_new})")
+    if room < (0 if asked == 0 else 1):  # asked 0: the prompt alone
+        need = "fit" if asked == 0 else "leave room for at least one new token"
+        bad.append(("input", f"the prompt has {prompt_len} tokens; it must {need} within the maximum model length "
+                             f"{limits.max_model_len}"))
 
     stop = list(given.get("stop", ()))
     check("stop", f"{len(stop)} strings", len(stop) <= limits.max_stop_sequences,
@@ -137,6 +150,7 @@ def validate_parameters(given: Mapping[str, Any], prompt_len: int, defaults: Def
             bad.append((f"{prefix}{wire('stop_token_ids')}[{i}]",
                         f"`{wire('stop_token_ids')}[{i}]` must be >= 0 and < the vocabulary size {limits.vocab_size}, "
                         f"got {t}"))
+    logit_bias = _logit_bias(given.get("logit_bias") or {}, limits, prefix, wire("logit_bias"), bad)
     if bad:
         raise RequestError(bad)
     seed = given.get("seed")
@@ -145,11 +159,32 @@ def validate_parameters(given: Mapping[str, Any], prompt_len: int, defaults: Def
         sampling=SamplingParams(
             temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition,
             presence_penalty=presence, frequency_penalty=frequency, seed=seed, logprobs=logprobs,
+            logit_bias=logit_bias, min_tokens=min_tokens, prompt_logprobs=prompt_logprobs,
         ),
         stop=stop,
         stop_token_ids=stop_ids,
         ignore_eos=bool(given.get("ignore_eos")),
+        skip_special_tokens=bool(given.get("skip_special_tokens", True)),
+        include_stop_str_in_output=bool(given.get("include_stop_str_in_output")),
     )
+
+
+def _logit_bias(bias: Mapping, limits: Limits, prefix: str, name: str, bad: list) -> tuple[tuple[int, float], ...]:
+    """token id -> bias as (id, bias) pairs. Ids may be decimal strings (JSON object keys are)."""
+    if len(bias) > limits.max_logit_bias:
+        bad.append((prefix + name, f"`{name}` must have at most {limits.max_logit_bias} entries, got {len(bias)}"))
+        return ()
+    pairs = []
+    for key, value in bias.items():
+        token = int(key) if isinstance(key, int) or str(key).isdecimal() else None
+        if token is None or not 0 <= token < limits.vocab_size:
+            bad.append((f"{prefix}{name}[{key}]", f"`{name}` keys must be token ids >= 0 and < the vocabulary "
+                                                  f"size {limits.vocab_size}, got {key!r}"))
+        elif not (math.isfinite(value) and -100.0 <= value <= 100.0):
+            bad.append((f"{prefix}{name}[{key}]", f"`{name}[{key}]` must be >= -100.0 and <= 100.0, got {value!r}"))
+        else:
+            pairs.append((token, float(value)))
+    return tuple(pairs)
 
 
 def validate_token_ids(ids, vocab_size: int, field_name: str = "token_ids.ids") -> list[int]:

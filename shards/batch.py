@@ -24,6 +24,15 @@ class SeqPlan:
     sampling: SamplingParams | None = None  # set when this step ends the sequence's known tokens
     prompt_token_ids: list[int] = field(default_factory=list)  # for the repetition penalty only
     output_token_ids: list[int] = field(default_factory=list)  # for penalties and the seeded RNG counter
+    # Set on the prompt chunks of a request that asked prompt logprobs: top-n, and the prompt token after the
+    # chunk (None on the last chunk), which the chunk's last row predicts.
+    prompt_logprobs: int | None = None
+    next_token_id: int | None = None
+
+    @property
+    def prompt_targets(self) -> list[int]:
+        """The prompt tokens this chunk's rows predict, in row order (row i predicts the token after it)."""
+        return self.token_ids[1:] + ([] if self.next_token_id is None else [self.next_token_id])
 
 
 @dataclass
@@ -48,6 +57,7 @@ class StepBatch:
     decode_block_tables: torch.Tensor  # [D, max blocks], padded with block 0 (masked by context length)
     sample_rows: torch.Tensor  # [S] token rows whose logits are sampled
     sampling_seqs: list[SeqPlan]
+    prompt_scored: list[tuple[SeqPlan, int]]  # sequences asking prompt logprobs, with their first token row
 
     @property
     def num_tokens(self) -> int:
@@ -56,7 +66,7 @@ class StepBatch:
     @classmethod
     def build(cls, seqs: list[SeqPlan], block_size: int, device) -> "StepBatch":
         ids, positions, variants, slots = [], [], [], []
-        prefills, decode_rows, decode_lens, decode_tables, sample_rows = [], [], [], [], []
+        prefills, decode_rows, decode_lens, decode_tables, sample_rows, scored = [], [], [], [], [], []
         for seq in seqs:
             first, count = len(ids), len(seq.token_ids)
             end = seq.start + count
@@ -78,6 +88,8 @@ class StepBatch:
                 prefills.append(Prefill(first, count, seq.start, table))
             if seq.sampling is not None:
                 sample_rows.append(first + count - 1)
+            if seq.prompt_logprobs is not None:
+                scored.append((seq, first))
         width = max((len(t) for t in decode_tables), default=0)
         decode_tables = [t + [0] * (width - len(t)) for t in decode_tables]
 
@@ -95,4 +107,5 @@ class StepBatch:
             decode_block_tables=tensor(decode_tables).view(len(decode_tables), width),
             sample_rows=tensor(sample_rows),
             sampling_seqs=[s for s in seqs if s.sampling is not None],
+            prompt_scored=scored,
         )

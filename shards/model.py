@@ -112,9 +112,10 @@ class Qwen2Stage(nn.Module):
             x = layer(x, cos, sin, cache, batch)
         return self.norm(x) if self.groups.is_last_stage else x
 
-    def logits(self, hidden: torch.Tensor, batch: StepBatch) -> torch.Tensor | None:
-        """Float32 logits [S, vocab] of the sampled rows on the driver rank; None on other ranks."""
-        logits = self.lm_head.logits(hidden[batch.sample_rows])
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Float32 logits [rows, vocab] of these hidden rows on the driver rank; None on other ranks (every
+        TP rank of the last stage must call it: the vocabulary is gathered)."""
+        logits = self.lm_head.logits(hidden)
         return None if logits is None else logits.float()
 
     def checkpoint_targets(self) -> dict[str, list[tuple[nn.Parameter, object]]]:

@@ -5,6 +5,7 @@ uses: all per-row parameters become [B] tensors, so the hot path is a fixed
 sequence of batched torch ops with no Python loop per sequence.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -25,23 +26,37 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI style, over generated tokens only
     seed: int | None = None
     logprobs: int = 0  # how many top logprobs to return (0 = only the chosen token's)
+    # Added to the logits before anything else (greedy included): (token id, bias) pairs.
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    # While fewer than min_tokens were generated, stop_token_ids (the ids that would end the sequence: EOS
+    # unless ignored, and the request's stop ids; set only with min_tokens) cannot be sampled.
+    min_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    prompt_logprobs: int | None = None  # top-n logprobs per prompt token; None = not asked
 
 
 @dataclass
-class SampleOutput:
+class TokenLogprobs:
+    """Tokens with their logprobs and the top-N alternatives, under the raw distribution."""
+
     token_ids: torch.Tensor  # [B] int64
-    logprobs: torch.Tensor  # [B] float32, logprob of the chosen token
-    top_ids: torch.Tensor  # [B, N] int64, N = max logprobs requested in the batch
+    logprobs: torch.Tensor  # [B] float32, logprob of token_ids
+    top_ids: torch.Tensor  # [B, N] int64, N = the most top logprobs any row asked
     top_logprobs: torch.Tensor  # [B, N] float32
 
-    def to_lists(self, params: list[SamplingParams]) -> list[dict]:
-        """Plain Python per row, top-N trimmed to that row's own request (one device sync)."""
+    @classmethod
+    def of(cls, logits: torch.Tensor, token_ids: torch.Tensor, num_top: int) -> "TokenLogprobs":
+        """log_softmax of the raw logits [B, V] at token_ids [B], and its top num_top."""
+        logprobs = logits.float().log_softmax(dim=-1)
+        top_logprobs, top_ids = logprobs.topk(min(num_top, logits.shape[1]), dim=-1)
+        return cls(token_ids, logprobs.gather(1, token_ids[:, None]).squeeze(1), top_ids, top_logprobs)
+
+    def to_lists(self, num_top: list[int]) -> list[dict]:
+        """Plain Python per row, top-N trimmed to that row's own num_top (one device sync)."""
         ids, lps = self.token_ids.tolist(), self.logprobs.tolist()
         top_ids, top_lps = self.top_ids.tolist(), self.top_logprobs.tolist()
-        return [
-            {"token_id": ids[i], "logprob": lps[i], "top": list(zip(top_ids[i], top_lps[i]))[: p.logprobs]}
-            for i, p in enumerate(params)
-        ]
+        return [{"token_id": ids[i], "logprob": lps[i], "top": list(zip(top_ids[i], top_lps[i]))[:n]}
+                for i, n in enumerate(num_top)]
 
 
 def _token_counts(rows: list[list[int]], vocab_size: int, device) -> torch.Tensor:
@@ -52,6 +67,21 @@ def _token_counts(rows: list[list[int]], vocab_size: int, device) -> torch.Tenso
     )
     counts = torch.zeros(len(rows), vocab_size, device=device)
     return counts.index_put_((row_idx, flat), torch.ones(len(flat), device=device), accumulate=True)
+
+
+def _additions(params: list[SamplingParams], output_token_ids: list[list[int]], device):
+    """(rows, token ids, values) of every row's logit_bias, and -inf on the stop ids of rows still short of
+    min_tokens; None when there are none."""
+    entries = []
+    for row, (p, out) in enumerate(zip(params, output_token_ids)):
+        entries += [(row, t, b) for t, b in p.logit_bias]
+        if len(out) < p.min_tokens:
+            entries += [(row, t, -math.inf) for t in p.stop_token_ids]
+    if not entries:
+        return None
+    rows, ids, values = zip(*entries)
+    return (torch.tensor(rows, device=device), torch.tensor(ids, device=device),
+            torch.tensor(values, dtype=torch.float32, device=device))
 
 
 @dataclass
@@ -70,6 +100,9 @@ class SamplingTensors:
     repetition_penalty: torch.Tensor  # [B] float32
     presence_penalty: torch.Tensor  # [B] float32
     frequency_penalty: torch.Tensor  # [B] float32
+    # (rows, token ids, values) added to the logits: logit_bias, and -inf on the ids min_tokens still bans;
+    # None when no row has either (those rows cost nothing).
+    additions: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
     seen: torch.Tensor | None  # [B, V] bool, token in prompt or output; None when no row uses it
     output_counts: torch.Tensor | None  # [B, V] float32; None when no row uses it
     keys: torch.Tensor  # [B] int64 in 0..2^32-1, per-row RNG key for this step
@@ -77,7 +110,7 @@ class SamplingTensors:
     use_min_p: bool
     use_temperature: bool  # some row's temperature is neither 0 (greedy) nor 1
     all_greedy: bool
-    num_top: int  # N in SampleOutput.top_ids
+    num_top: int  # N in TokenLogprobs.top_ids
 
     @classmethod
     def build(
@@ -107,6 +140,7 @@ class SamplingTensors:
         return cls(
             temperature=tensor([1.0 if g else p.temperature for g, p in zip(greedy, params)]),
             greedy=tensor(greedy, torch.bool),
+            additions=_additions(params, output_token_ids, device),
             top_k=tensor(top_k, torch.long),
             top_p=tensor(top_p),
             min_p=tensor(min_p),
@@ -120,7 +154,7 @@ class SamplingTensors:
             use_min_p=any(p > 0.0 for p in min_p),
             use_temperature=any(not g and p.temperature != 1.0 for g, p in zip(greedy, params)),
             all_greedy=all(greedy),
-            num_top=min(max((p.logprobs for p in params), default=0), vocab_size),
+            num_top=max((p.logprobs for p in params), default=0),
         )
 
 
@@ -189,10 +223,13 @@ def _apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 
 
 def process_logits(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
-    """Final float32 logits the token is drawn from, in transformers' generate order:
-    repetition penalty, presence/frequency penalties, temperature, top-k, top-p, min-p.
-    Truncated tokens are -inf. The input is not modified."""
+    """Final float32 logits the token is drawn from: logit_bias and the min_tokens mask first (as vLLM),
+    then transformers' generate order: repetition penalty, presence/frequency penalties, temperature,
+    top-k, top-p, min-p. Truncated tokens are -inf. The input is not modified."""
     logits = logits.float()
+    if t.additions is not None:
+        rows, ids, values = t.additions
+        logits = logits.index_put((rows, ids), values, accumulate=True)
     if t.seen is not None:
         rp = t.repetition_penalty[:, None]
         logits = torch.where(t.seen, torch.where(logits < 0, logits * rp, logits / rp), logits)
@@ -213,7 +250,7 @@ def sample(
     params: list[SamplingParams],
     prompt_token_ids: list[list[int]],
     output_token_ids: list[list[int]],
-) -> SampleOutput:
+) -> TokenLogprobs:
     """Pick one token per row of logits [B, V] (float32, or bf16/fp16, computed in float32).
 
     Greedy rows (temperature 0) take the argmax of the penalised logits. Other rows use
@@ -221,8 +258,8 @@ def sample(
     comes from the counter-based hash above, so seeded rows are batch-independent.
 
     Returned logprobs (chosen token and top-N) are log_softmax of the RAW logits, before
-    penalties, temperature and truncation (vLLM's default "raw_logprobs"): they describe
-    the model, not the sampling knobs.
+    logit_bias, the min_tokens mask, penalties, temperature and truncation (vLLM's default
+    "raw_logprobs"): they describe the model, not the sampling knobs.
     """
     t = SamplingTensors.build(params, prompt_token_ids, output_token_ids, logits.shape[1], logits.device)
     processed = process_logits(logits, t)
@@ -230,11 +267,4 @@ def sample(
     if not t.all_greedy:
         sampled = (processed.softmax(dim=-1) / _exponential_noise(t.keys, logits.shape[1])).argmax(dim=-1)
         token_ids = torch.where(t.greedy, token_ids, sampled)
-    raw_logprobs = logits.float().log_softmax(dim=-1)
-    top_logprobs, top_ids = raw_logprobs.topk(t.num_top, dim=-1)
-    return SampleOutput(
-        token_ids=token_ids,
-        logprobs=raw_logprobs.gather(1, token_ids[:, None]).squeeze(1),
-        top_ids=top_ids,
-        top_logprobs=top_logprobs,
-    )
+    return TokenLogprobs.of(logits, token_ids, t.num_top)

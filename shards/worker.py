@@ -14,7 +14,9 @@ from shards.config import DTYPES, Qwen2Config
 from shards.loader import load_weights
 from shards.model import Qwen2Stage
 from shards.parallel import ParallelGroups, recv_from_prev_stage, send_to_next_stage
-from shards.sampling import sample
+from shards.sampling import TokenLogprobs, sample
+
+PROMPT_LOGPROB_ROWS = 256  # 256 rows of a 152K vocabulary: 156 MB of float32 logits
 
 
 class ShardWorker:
@@ -57,9 +59,8 @@ class ShardWorker:
             self.config.dtype, self.device,
         )
 
-    @torch.inference_mode()
-    def forward(self, seqs: list[SeqPlan]) -> tuple[torch.Tensor | None, StepBatch]:
-        """Run this rank's stage on one step; the driver rank gets the sampled rows' logits, others None."""
+    def _hidden(self, seqs: list[SeqPlan]) -> tuple[torch.Tensor | None, StepBatch]:
+        """This rank's stage over one step: the final hidden states on the last stage, None elsewhere."""
         batch = StepBatch.build(seqs, self.block_size, self.device)
         hidden = None
         if not self.groups.is_first_stage:
@@ -69,19 +70,54 @@ class ShardWorker:
         if not self.groups.is_last_stage:
             send_to_next_stage(hidden, self.groups)
             return None, batch
-        return self.model.logits(hidden, batch), batch
+        return hidden, batch
 
+    @torch.inference_mode()
+    def forward(self, seqs: list[SeqPlan]) -> tuple[torch.Tensor | None, StepBatch]:
+        """Run this rank's stage on one step; the driver rank gets the sampled rows' logits, others None."""
+        hidden, batch = self._hidden(seqs)
+        return (None if hidden is None else self.model.logits(hidden[batch.sample_rows])), batch
+
+    @torch.inference_mode()
     def execute(self, seqs: list[SeqPlan]) -> list[dict] | None:
-        """One step: forward, then sample on the driver rank. Returns one dict per sampling sequence
-        ({"seq_id", "token_id", "logprob", "top"}) on the driver, None elsewhere."""
-        logits, batch = self.forward(seqs)
-        if logits is None or not batch.sampling_seqs:
-            return None if logits is None else []
-        params = [s.sampling for s in batch.sampling_seqs]
-        out = sample(
-            logits,
-            params,
-            [s.prompt_token_ids for s in batch.sampling_seqs],
-            [s.output_token_ids for s in batch.sampling_seqs],
-        )
-        return [dict(seq_id=s.seq_id, **row) for s, row in zip(batch.sampling_seqs, out.to_lists(params))]
+        """One step: forward, then sample on the driver rank. Returns, on the driver, one dict per sampling
+        sequence ({"seq_id", "token_id", "logprob", "top"}) plus "prompt_logprobs" (rows for its
+        prompt_targets) for each sequence scoring its prompt; None elsewhere."""
+        hidden, batch = self._hidden(seqs)
+        if hidden is None:
+            return None
+        logits = self.model.logits(hidden[batch.sample_rows])
+        prompt = self._prompt_logprobs(hidden, batch)
+        if logits is None:
+            return None
+        out = {}
+        if batch.sampling_seqs:
+            params = [s.sampling for s in batch.sampling_seqs]
+            sampled = sample(logits, params, [s.prompt_token_ids for s in batch.sampling_seqs],
+                             [s.output_token_ids for s in batch.sampling_seqs])
+            rows = sampled.to_lists([p.logprobs for p in params])
+            out = {s.seq_id: dict(seq_id=s.seq_id, **row) for s, row in zip(batch.sampling_seqs, rows)}
+        for seq_id, rows in prompt.items():
+            out.setdefault(seq_id, {"seq_id": seq_id})["prompt_logprobs"] = rows
+        return list(out.values())
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, batch: StepBatch) -> dict[int, list[dict]]:
+        """seq_id -> the logprob (and top-n) of each of its prompt_targets, on the driver ({} elsewhere).
+        Full-vocabulary logits are made PROMPT_LOGPROB_ROWS rows at a time, so a long chunk's stay small."""
+        if not batch.prompt_scored:
+            return {}
+        targets = [s.prompt_targets for s, _ in batch.prompt_scored]
+        rows = [first + i for (_, first), ts in zip(batch.prompt_scored, targets) for i in range(len(ts))]
+        flat = [t for ts in targets for t in ts]
+        num_top = [s.prompt_logprobs for (s, _), ts in zip(batch.prompt_scored, targets) for _ in ts]
+        out = []
+        for i in range(0, len(rows), PROMPT_LOGPROB_ROWS):
+            part = slice(i, i + PROMPT_LOGPROB_ROWS)
+            logits = self.model.logits(hidden[torch.tensor(rows[part], device=self.device)])  # a collective
+            if logits is not None:
+                lp = TokenLogprobs.of(logits, torch.tensor(flat[part], device=self.device), max(num_top[part]))
+                out += lp.to_lists(num_top[part])
+        if not self.groups.is_driver:
+            return {}
+        rows_of = iter(out)
+        return {s.seq_id: [next(rows_of) for _ in ts] for (s, _), ts in zip(batch.prompt_scored, targets)}

@@ -41,11 +41,14 @@ def test_only_given_parameters_are_set():
     assert p.HasField("temperature") and not p.HasField("top_p") and not p.HasField("max_new_tokens")
     p = build_parameters(max_new_tokens=16, temperature=0.7, top_p=0.9, min_p=0.05, repetition_penalty=1.1,
                          presence_penalty=0.5, frequency_penalty=0.25, seed=2**40, stop=["\n\n", "END"],
-                         stop_token_ids=[151643], ignore_eos=True, logprobs=5, top_k=20)
+                         stop_token_ids=[151643], ignore_eos=True, logprobs=5, top_k=20, logit_bias={7: -100, 9: 2.5},
+                         min_tokens=3, prompt_logprobs=0, skip_special_tokens=False, include_stop_str_in_output=True)
     assert {f.name for f, _ in p.ListFields()} == {f.name for f in pb.GenerationParameters.DESCRIPTOR.fields}
     assert (p.max_new_tokens, p.top_k, p.seed, list(p.stop), list(p.stop_token_ids), p.logprobs) == (
         16, 20, 2**40, ["\n\n", "END"], [151643], 5)
     assert p.temperature == pytest.approx(0.7) and p.ignore_eos is True
+    assert (dict(p.logit_bias), p.min_tokens, p.prompt_logprobs) == ({7: -100.0, 9: 2.5}, 3, 0)
+    assert p.HasField("prompt_logprobs") and p.skip_special_tokens is False and p.include_stop_str_in_output
     assert list(build_parameters(stop="###").stop) == ["###"]  # one string is one stop string
 
 
@@ -58,6 +61,10 @@ def test_bad_parameters_fail_before_any_call():
         build_parameters(seed=-1)
     with pytest.raises(TypeError, match="temperature must be a number"):
         build_parameters(temperature="hot")
+    with pytest.raises(TypeError, match="logit_bias must be a mapping"):
+        build_parameters(logit_bias=[(1, 2.0)])
+    with pytest.raises(TypeError, match="logit_bias must be a number"):
+        build_parameters(logit_bias={1: "high"})
 
 
 def test_generate_request_sets_one_input():
@@ -206,18 +213,21 @@ def sample_logprobs():
 
 def test_results_from_responses():
     r = Result.from_pb(pb.GenerateResponse(request_id="r1", text=" Paris", token_ids=[11, 13],
-                                           logprobs=sample_logprobs(), final=sample_final()))
+                                           logprobs=sample_logprobs(), final=sample_final(),
+                                           prompt_logprobs=sample_logprobs()[1:]))
     assert (r.request_id, r.text, r.token_ids, r.finish_reason, r.matched_stop, r.rope_variant) == (
         "r1", " Paris", [11, 13], "stop", "\n", "original")
     assert r.usage == Usage(3, 2) and r.timings.total_seconds == pytest.approx(0.1)
     assert r.logprobs[0] == TokenLogprob(11, -0.5, [TopLogprob(11, -0.5), TopLogprob(12, -1.25)])
+    assert r.prompt_logprobs == [TokenLogprob(13, -0.25)]
     for value, name in ((pb.FINISH_REASON_LENGTH, "length"), (pb.FINISH_REASON_EOS, "eos"),
                         (pb.FINISH_REASON_CANCELLED, "cancelled"), (pb.FINISH_REASON_UNSPECIFIED, "unspecified")):
         assert Result.from_pb(pb.GenerateResponse(final=pb.FinalInfo(finish_reason=value))).finish_reason == name
     assert Result.from_pb(pb.GenerateResponse()).matched_stop is None
 
     deltas = [Delta.from_pb(pb.GenerateStreamResponse(request_id="r1", text=" Pa", token_ids=[11],
-                                                      logprobs=sample_logprobs()[:1])),
+                                                      logprobs=sample_logprobs()[:1],
+                                                      prompt_logprobs=sample_logprobs()[1:])),
               Delta.from_pb(pb.GenerateStreamResponse(request_id="r1", text="ris", token_ids=[13],
                                                       logprobs=sample_logprobs()[1:], final=sample_final()))]
     assert deltas[0].final is None and deltas[1].final.finish_reason == "stop"
@@ -245,6 +255,14 @@ def test_cli_arguments():
     assert ap.parse_args(["--target", "h:3", "info"]).target == "h:3"  # ... and before it, not reset
     assert cli.generation_params(ap.parse_args(["generate", "x"])) == {}  # nothing given: nothing sent
     assert ap.parse_args(["chat", "[]", "--no-generation-prompt"]).add_generation_prompt is False
+    a = ap.parse_args(["generate", "x", "--logit-bias", "151643:-100, 9707:5", "--min-tokens", "4",
+                       "--prompt-logprobs", "1", "--max-new-tokens", "0", "--no-skip-special-tokens",
+                       "--include-stop-str-in-output"])
+    assert cli.generation_params(a) == dict(logit_bias={151643: -100.0, 9707: 5.0}, min_tokens=4, prompt_logprobs=1,
+                                            max_new_tokens=0, skip_special_tokens=False,
+                                            include_stop_str_in_output=True)
+    assert cli.generation_params(ap.parse_args(["generate", "x", "--logit-bias", '{"5": 1}'])) == {
+        "logit_bias": {5: 1.0}}
     with pytest.raises(SystemExit) as e:
         ap.parse_args(["generate", "--token-ids", "1,x"])
     assert e.value.code == 2

@@ -41,8 +41,8 @@ def byte_ids(tok):
     return ids
 
 
-def stream(tok, ids, stop=(), skip_special_tokens=True, finish=True):
-    d = IncrementalDetokenizer(tok, stop=stop, skip_special_tokens=skip_special_tokens)
+def stream(tok, ids, stop=(), skip_special_tokens=True, finish=True, **options):
+    d = IncrementalDetokenizer(tok, stop=stop, skip_special_tokens=skip_special_tokens, **options)
     deltas = [d.add(i) for i in ids]
     if finish:
         deltas.append(d.finish())
@@ -198,6 +198,29 @@ def test_stop_strings_property(tok, text, data):
     assert not any(FFFD in x for x in deltas) or FFFD in full
     for s in stops:  # a stop string never shows up in what was emitted
         assert s not in d.text
+
+
+@HYPOTHESIS
+@given(text=texts, data=st.data())
+def test_include_stop_str_in_output_keeps_the_matched_string(tok, text, data):
+    ids = tok.encode(text)
+    full = tok.decode(ids)
+    stops = [full[i:i + 4] for i in data.draw(st.lists(st.integers(0, max(len(full) - 1, 0)), max_size=2))]
+    stops = [s for s in stops if s] or ["a"]
+    cut, matched = expected_cut(full, stops)
+    d, deltas = stream(tok, ids, stop=stops, include_stop_str_in_output=True)
+    assert "".join(deltas) == (cut + matched if matched else full) and d.matched_stop == matched
+
+
+def test_stop_strings_are_not_looked_for_before_min_tokens(tok):
+    ids = tok.encode("hello world. hello again")
+    assert tok.decode(ids[:3]) == "hello world."  # the first "hello" comes before the 3rd token
+    d, deltas = stream(tok, ids, stop=["hello"], min_tokens=3)
+    assert "".join(deltas) == "hello world. " and d.matched_stop == "hello"
+    d, deltas = stream(tok, ids, stop=["hello"], min_tokens=3, include_stop_str_in_output=True)
+    assert "".join(deltas) == "hello world. hello"
+    d, deltas = stream(tok, ids, stop=["hello"], min_tokens=len(ids) + 1)
+    assert "".join(deltas) == "hello world. hello again" and not d.stopped
 
 
 def test_stop_spanning_tokens(tok):

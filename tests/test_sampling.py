@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 from transformers.generation.logits_process import (
+    MinNewTokensLengthLogitsProcessor,
     MinPLogitsWarper,
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
@@ -272,7 +273,7 @@ def test_logprobs_are_raw_and_top_n_matches_topk():
     torch.testing.assert_close(out.top_logprobs, values)
     assert out.token_ids.dtype == torch.int64 and out.logprobs.dtype == torch.float32
 
-    rows = out.to_lists(params)
+    rows = out.to_lists([p.logprobs for p in params])
     assert [len(r["top"]) for r in rows] == [0, 5, 2, 1, 3]
     for i, r in enumerate(rows):
         assert r["token_id"] == int(out.token_ids[i])
@@ -283,4 +284,51 @@ def test_logprobs_are_raw_and_top_n_matches_topk():
 def test_no_logprobs_requested_gives_empty_top():
     out = sample(torch.randn(3, V), [SamplingParams()] * 3, [[]] * 3, [[]] * 3)
     assert out.top_ids.shape == (3, 0) and out.top_logprobs.shape == (3, 0)
-    assert all(r["top"] == [] for r in out.to_lists([SamplingParams()] * 3))
+    assert all(r["top"] == [] for r in out.to_lists([0] * 3))
+
+
+def test_logit_bias_changes_the_greedy_choice_not_the_logprobs():
+    """The bias moves the argmax (greedy included); reported logprobs stay the raw distribution's."""
+    torch.manual_seed(4)
+    logits = torch.randn(2, V)
+    target = int(logits[0].argsort()[V // 2])  # a middling token
+    bias = float(logits[0].max() - logits[0, target]) + 0.5
+    params = [SamplingParams(temperature=0.0, logit_bias=((target, bias), (3, -2.0)), logprobs=2),
+              SamplingParams(temperature=0.0, logprobs=2)]
+    out = sample(logits, params, [[], []], [[], []])
+    assert out.token_ids.tolist() == [target, int(logits[1].argmax())]
+    raw = torch.log_softmax(logits, dim=-1)
+    torch.testing.assert_close(out.logprobs[0], raw[0, target])
+    assert out.top_ids[0].tolist() == raw[0].topk(2).indices.tolist()
+    expected = logits[0].clone()
+    expected[target] += bias
+    expected[3] -= 2.0
+    torch.testing.assert_close(_process(logits, params, [[], []], [[], []]), torch.stack([expected, logits[1]]))
+
+
+def test_minus_100_bias_bans_even_a_dominant_token():
+    logits = torch.zeros(256, V)
+    logits[:, 7] = 8.0  # p(7) ~ 0.98 under temperature 1
+    free = sample(logits, [SamplingParams(seed=i) for i in range(256)], [[]] * 256, [[]] * 256)
+    assert (free.token_ids == 7).float().mean() > 0.9
+    banned = sample(logits, [SamplingParams(seed=i, logit_bias=((7, -100.0),)) for i in range(256)],
+                    [[]] * 256, [[]] * 256)
+    assert not (banned.token_ids == 7).any()
+
+
+def test_min_tokens_masks_stop_ids_as_transformers_min_new_tokens():
+    """Before min_tokens generated tokens the stop ids are -inf (transformers' MinNewTokensLengthLogitsProcessor),
+    from then on nothing changes; repetition penalty and the rest still apply on top."""
+    torch.manual_seed(5)
+    logits = torch.randn(1, V)
+    stop = (int(logits[0].argmax()), 11)
+    prompt = [1, 2, 3]
+    for generated in range(5):
+        p = SamplingParams(temperature=0.0, min_tokens=3, stop_token_ids=stop, repetition_penalty=1.2)
+        output = list(range(20, 20 + generated))
+        hf = MinNewTokensLengthLogitsProcessor(len(prompt), 3, list(stop))(
+            torch.tensor([prompt + output]), logits.clone())
+        expected = _hf_process(hf[0], p, prompt, output)
+        torch.testing.assert_close(_process(logits, [p], [prompt], [output])[0], expected, atol=1e-6, rtol=0)
+        token = int(sample(logits, [p], [prompt], [output]).token_ids[0])
+        assert (token == stop[0]) == (generated >= 3)

@@ -26,11 +26,17 @@ class GenerationParams(TypedDict, total=False):
     stop_token_ids: Sequence[int]
     ignore_eos: bool
     logprobs: int  # top-n per generated token (0 = the chosen token's logprob only)
+    logit_bias: Mapping[int, float]  # token id -> bias in [-100, 100], added to its logit
+    min_tokens: int  # no EOS, stop token or stop string before this many tokens
+    prompt_logprobs: int  # top-n per prompt token (given: each prompt token's logprob; max_new_tokens may be 0)
+    skip_special_tokens: bool  # in the text (default true)
+    include_stop_str_in_output: bool  # keep the matched stop string in the text (default false)
 
 
 PARAM_NAMES = tuple(f.name for f in pb.GenerationParameters.DESCRIPTOR.fields)
 _REPEATED = {"stop", "stop_token_ids"}
-_INTS = {"max_new_tokens", "top_k", "seed", "logprobs"}
+_INTS = {"max_new_tokens", "top_k", "seed", "logprobs", "min_tokens", "prompt_logprobs"}
+_BOOLS = {"ignore_eos", "skip_special_tokens", "include_stop_str_in_output"}
 _FLOATS = {"temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"}
 
 Message = Union[Mapping[str, str], Sequence[str], pb.ChatMessage]
@@ -51,16 +57,24 @@ def build_parameters(**params: Any) -> pb.GenerationParameters:
             out.stop.extend([value] if isinstance(value, str) else list(value))
         elif name == "stop_token_ids":
             out.stop_token_ids.extend(_ints(name, value))
-        elif name == "ignore_eos":
-            out.ignore_eos = bool(value)
+        elif name == "logit_bias":
+            if not isinstance(value, Mapping):
+                raise TypeError(f"logit_bias must be a mapping of token id to bias, got {value!r}")
+            out.logit_bias.update({_int("logit_bias token id", t): _float(name, b) for t, b in value.items()})
+        elif name in _BOOLS:
+            setattr(out, name, bool(value))
         elif name in _INTS:
             setattr(out, name, _int(name, value))
         else:
             assert name in _FLOATS, name
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"{name} must be a number, got {value!r}")
-            setattr(out, name, float(value))
+            setattr(out, name, _float(name, value))
     return out
+
+
+def _float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    return float(value)
 
 
 def _int(name: str, value: Any) -> int:

@@ -46,6 +46,17 @@ def int_list(s: str) -> list[int]:
     return ids
 
 
+def logit_bias(s: str) -> dict[int, float]:
+    """"151643:-100,9707:5" or a JSON object {"151643": -100} -> {151643: -100.0}."""
+    try:
+        if s.strip().startswith("{"):
+            return {int(k): float(v) for k, v in json.loads(s).items()}
+        return {int(k): float(v) for k, v in (pair.split(":") for pair in s.split(",") if pair.strip())}
+    except (ValueError, AttributeError):
+        raise argparse.ArgumentTypeError(f'expected ID:BIAS pairs ("151643:-100,9707:5") or a JSON object, '
+                                         f"got {s!r}") from None
+
+
 def _connection_options(p: argparse.ArgumentParser, suppress: bool) -> None:
     """Options accepted before and after the subcommand (the subcommand's copy must not reset them)."""
     d = (lambda v: argparse.SUPPRESS) if suppress else (lambda v: v)
@@ -79,13 +90,23 @@ def _generation_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stop-token-ids", type=int_list, metavar="IDS", help="comma-separated")
     g.add_argument("--ignore-eos", action="store_true", default=None)
     g.add_argument("--logprobs", type=int, metavar="N", help="top-N logprobs per token (0 = chosen token only)")
+    g.add_argument("--logit-bias", type=logit_bias, metavar="ID:BIAS,...",
+                   help='bias per token id, in [-100, 100]: "151643:-100,9707:5" or a JSON object')
+    g.add_argument("--min-tokens", type=int, metavar="N", help="no EOS, stop token or stop string before N tokens")
+    g.add_argument("--prompt-logprobs", type=int, metavar="N",
+                   help="each prompt token's logprob and top-N (then --max-new-tokens may be 0)")
+    g.add_argument("--no-skip-special-tokens", dest="skip_special_tokens", action="store_false", default=None,
+                   help="keep special tokens in the text")
+    g.add_argument("--include-stop-str-in-output", action="store_true", default=None,
+                   help="keep the matched stop string in the text")
     g.add_argument("--request-id")
     p.add_argument("--json", action="store_true", help="print JSON (stream: one object per line)")
     p.add_argument("-v", "--verbose", action="store_true", help="print finish reason and usage to stderr")
 
 
 PARAM_ARGS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-              "presence_penalty", "frequency_penalty", "seed", "stop", "stop_token_ids", "ignore_eos", "logprobs")
+              "presence_penalty", "frequency_penalty", "seed", "stop", "stop_token_ids", "ignore_eos", "logprobs",
+              "logit_bias", "min_tokens", "prompt_logprobs", "skip_special_tokens", "include_stop_str_in_output")
 
 
 def build_parser() -> argparse.ArgumentParser:

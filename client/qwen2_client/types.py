@@ -87,6 +87,8 @@ class Result:
     timings: Timings
     matched_stop: str | None = None
     rope_variant: str = ""
+    # With prompt_logprobs=N: one per prompt token after the first (which has no context).
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
 
     @classmethod
     def from_pb(cls, m: pb.GenerateResponse) -> "Result":
@@ -96,22 +98,24 @@ class Result:
             logprobs=[TokenLogprob.from_pb(lp) for lp in m.logprobs],
             finish_reason=final.finish_reason, usage=final.usage, timings=final.timings,
             matched_stop=final.matched_stop, rope_variant=final.rope_variant,
+            prompt_logprobs=[TokenLogprob.from_pb(lp) for lp in m.prompt_logprobs],
         )
 
     @classmethod
     def from_deltas(cls, deltas: Iterable["Delta"]) -> "Result":
         """Concatenate a stream's deltas into the Result that Generate would have returned."""
-        text, ids, lps, final, request_id = [], [], [], FinalInfo(), ""
+        text, ids, lps, prompt_lps, final, request_id = [], [], [], [], FinalInfo(), ""
         for d in deltas:
             text.append(d.text)
             ids.extend(d.token_ids)
             lps.extend(d.logprobs)
+            prompt_lps.extend(d.prompt_logprobs)
             request_id = d.request_id or request_id
             if d.final is not None:
                 final = d.final
         return cls(request_id=request_id, text="".join(text), token_ids=ids, logprobs=lps,
                    finish_reason=final.finish_reason, usage=final.usage, timings=final.timings,
-                   matched_stop=final.matched_stop, rope_variant=final.rope_variant)
+                   matched_stop=final.matched_stop, rope_variant=final.rope_variant, prompt_logprobs=prompt_lps)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -126,13 +130,15 @@ class Delta:
     logprobs: list[TokenLogprob]
     final: FinalInfo | None = None
     request_id: str = ""
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # on the first delta, as in Result
 
     @classmethod
     def from_pb(cls, m: pb.GenerateStreamResponse) -> "Delta":
         return cls(text=m.text, token_ids=list(m.token_ids),
                    logprobs=[TokenLogprob.from_pb(lp) for lp in m.logprobs],
                    final=FinalInfo.from_pb(m.final) if m.HasField("final") else None,
-                   request_id=m.request_id)
+                   request_id=m.request_id,
+                   prompt_logprobs=[TokenLogprob.from_pb(lp) for lp in m.prompt_logprobs])
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
