@@ -187,7 +187,7 @@ class GenerationService(pb_grpc.GenerationServicer):
     def _render_chat(self, chat) -> str:
         add = chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
         return self.core.render_chat([{"role": m.role, "content": m.content} for m in chat.messages],
-                                     add_generation_prompt=add)
+                                     add_generation_prompt=add, chat_field="chat")
 
     async def _admit(self, request, context) -> Request:
         async def read() -> Admission:

@@ -67,10 +67,12 @@ class ServingCore:
         return await asyncio.to_thread(self.tokenizer.encode, text)
 
     def render_chat(self, messages: list[dict], field: str = "chat.messages", add_generation_prompt: bool = True,
-                    continue_final_message: bool = False, template_kwargs: dict | None = None) -> str:
+                    continue_final_message: bool = False, template_kwargs: dict | None = None,
+                    chat_field: str | None = None) -> str:
         """The rendered chat, within max_input_chars both before rendering and after. `messages` are the
-        template's dicts (role, content, ...); `field` is where they sit in the API's request;
-        `template_kwargs` are extra template variables (not the ones the call itself sets)."""
+        template's dicts (role, content, ...); `field` is where they sit in the API's request, `chat_field`
+        what the size and template errors name (default: `field`); `template_kwargs` are extra template
+        variables (not the ones the call itself sets)."""
         if not messages:
             raise RequestError([(field, f"`{field}` must not be empty")])
         for i, m in enumerate(messages):
@@ -78,15 +80,16 @@ class ServingCore:
                 raise RequestError([(f"{field}[{i}].role", f"`{field}[{i}].role` must not be empty")])
         # A message counts CHAT_MESSAGE_CHARS beyond its text: rendering one costs about as much as tokenizing
         # that many characters, and a template may drop it (Qwen2's renders an unknown role as nothing).
+        chat_field = chat_field or field
         size = sum(len(m["role"]) + len(str(m.get("content") or "")) + CHAT_MESSAGE_CHARS for m in messages)
-        self.check_size(field, size)
+        self.check_size(chat_field, size)
         try:
             rendered = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
                                                           continue_final_message=continue_final_message,
                                                           **(template_kwargs or {}))
         except ChatTemplateError as e:
-            raise RequestError([(field, str(e))]) from None
-        self.check_size(field, len(rendered))
+            raise RequestError([(chat_field, str(e))]) from None
+        self.check_size(chat_field, len(rendered))
         return rendered
 
     def rope_variant(self, total_len: int) -> int:

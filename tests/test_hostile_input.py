@@ -263,7 +263,7 @@ MANY_MESSAGES = pb.ChatInput(messages=[pb.ChatMessage(role="x")] * MAX_INPUT_CHA
     (pb.GenerateRequest(text="a" * (MAX_INPUT_CHARS + 1)), f"`text` {TOO_LONG}"),
     (pb.GenerateRequest(text="the " * (MAX_INPUT_CHARS // 4)), "maximum model length"),  # ~5,000 tokens
     (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1] * 5000)), "maximum model length"),
-    (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[VOCAB, 2**32 - 1])), "`token_ids.ids[1]` must be < the vocab"),
+    (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[VOCAB, 2**32 - 1])), "`token_ids.ids[1]` must be >= 0 and < the vocab"),
     (pb.GenerateRequest(chat=MANY_MESSAGES), f"`chat` {TOO_LONG}"),
     (pb.TokenizeRequest(text="a" * (MAX_INPUT_CHARS + 1)), f"`text` {TOO_LONG}"),
     (pb.TokenizeRequest(chat=pb.ChatInput(messages=[pb.ChatMessage(role="user", content="a" * MAX_INPUT_CHARS)])),
