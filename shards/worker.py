@@ -80,9 +80,9 @@ class ShardWorker:
 
     @torch.inference_mode()
     def execute(self, seqs: list[SeqPlan]) -> list[dict] | None:
-        """One step: forward, then sample on the driver rank. Returns, on the driver, one dict per sampling
-        sequence ({"seq_id", "token_id", "logprob", "top"}) plus "prompt_logprobs" (rows for its
-        prompt_targets) for each sequence scoring its prompt; None elsewhere."""
+        """One step: forward, then sample on the driver rank. Returns, on the driver, one dict per sequence
+        that samples or scores its prompt: {"seq_id"}, with "token_id", "logprob", "top" if it samples and
+        "prompt_logprobs" (a row per prompt_targets) if it scores; None elsewhere."""
         hidden, batch = self._hidden(seqs)
         if hidden is None:
             return None

@@ -176,10 +176,12 @@ def test_zero_new_tokens_returns_only_the_prompt_logprobs(stub, ckpt):
     assert message.prompt_logprobs == out.prompt_logprobs and message.final.finish_reason == pb.FINISH_REASON_LENGTH
 
 
-def test_prompt_logprobs_at_tp2_chunked_beyond_one_lm_head_slice(ckpt):
-    """TP=2: the vocabulary is gathered on TP rank 0. A 400-token prompt at --max-num-batched-tokens 320 is
-    two chunks, the first scored in two slices of logits (PROMPT_LOGPROB_ROWS = 256)."""
-    server = InProcessServer(ckpt.dir, tp=2, max_num_seqs=4, max_num_batched_tokens=320, max_waiting=8)
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_prompt_logprobs_parallel_chunked_beyond_one_lm_head_slice(ckpt, tp, pp):
+    """TP=2: the vocabulary is gathered on TP rank 0; PP=2: the last stage scores. A 400-token prompt at
+    --max-num-batched-tokens 320 is two chunks, the first scored in two slices of logits (PROMPT_LOGPROB_ROWS)."""
+    server = InProcessServer(ckpt.dir, tp=tp, engine_options={"pp": pp}, max_num_seqs=4, max_num_batched_tokens=320,
+                             max_waiting=8)
     try:
         with grpc.insecure_channel(server.target) as channel:
             stub = pb_grpc.GenerationStub(channel)
