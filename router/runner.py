@@ -82,7 +82,7 @@ class Runner:
         # A step that carries long-prompt chunks beside decodes aims at this many times a decode-only step
         # (0: off): the budget is cut when a step overshoots and grows by a quarter after each under it, so
         # the slowest such steps land about a quarter above the aim (8K prompt beside 16 streams: decodes'
-        # p99 inter-token latency 2.42x the quiet p99 at 2, 1.84x at 1.5, BENCHMARK.md's target being 2x).
+        # p99 inter-token latency 2.42x the quiet p99 at 2, 1.84x at 1.5, the benchmark's target being 2x, docs/performance.md).
         self.prefill_latency_factor = prefill_latency_factor
         self._decode_step_s: float | None = None
         self.metrics = metrics or Metrics()
