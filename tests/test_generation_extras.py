@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, Qwen2ForCausalLM
 
+from qwen2_client import Client, Result
 from qwen2_client.proto import serving_pb2 as pb
 from qwen2_client.proto import serving_pb2_grpc as pb_grpc
 from router.validation import Defaults, Limits, RequestError, validate_parameters
@@ -40,13 +41,16 @@ def ckpt(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def stub(ckpt):
+def server(ckpt):
     server = InProcessServer(ckpt.dir, tp=1, max_num_seqs=8, max_num_batched_tokens=CHUNK, max_waiting=16)
-    try:
-        with grpc.insecure_channel(server.target) as channel:
-            yield pb_grpc.GenerationStub(channel)
-    finally:
-        server.stop()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    with grpc.insecure_channel(server.target) as channel:
+        yield pb_grpc.GenerationStub(channel)
 
 
 def request(ids, **params) -> pb.GenerateRequest:
@@ -191,6 +195,22 @@ def test_prompt_logprobs_parallel_chunked_beyond_one_lm_head_slice(ckpt, tp, pp)
             assert list(out.token_ids) == hf_greedy(ckpt, ids, 2, eos_token_id=None)
     finally:
         server.stop()
+
+
+def test_sdk_sends_and_reads_the_extras(server, ckpt):
+    ids = long_prompt(ckpt, CHUNK + 2)
+    with Client(server.target) as client:
+        whole = client.generate(token_ids=ids, max_new_tokens=0, prompt_logprobs=1)
+        assert [lp.token_id for lp in whole.prompt_logprobs] == ids[1:] and whole.finish_reason == "length"
+        assert all(len(lp.top) == 1 for lp in whole.prompt_logprobs)
+        streamed = Result.from_deltas(client.generate_stream(token_ids=ids, max_new_tokens=2, prompt_logprobs=1,
+                                                             temperature=0, ignore_eos=True))
+        assert [lp.token_id for lp in streamed.prompt_logprobs] == ids[1:] and len(streamed.token_ids) == 2
+        assert [lp.logprob for lp in streamed.prompt_logprobs] == pytest.approx(
+            [lp.logprob for lp in whole.prompt_logprobs], abs=1e-5)
+        special = client.generate(token_ids=ids, max_new_tokens=2, temperature=0, ignore_eos=True, min_tokens=2,
+                                  logit_bias={IM_START: 100}, skip_special_tokens=False)
+        assert special.text == "<|im_start|>" * 2
 
 
 # -- validation ----------------------------------------------------------------------------------------
