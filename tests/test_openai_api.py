@@ -220,6 +220,42 @@ def test_continue_final_message_and_template_kwargs(server, client, model_dir):
     assert out.usage.prompt_tokens == ours["count"] == len(ours["token_strs"])
 
 
+# -- echo and prompt logprobs ---------------------------------------------------------------------------------
+def test_echo_prompt_logprobs_match_transformers(server, client, model_dir):
+    """How eval harnesses score a text: echo + logprobs + max_tokens 0, against transformers' float32 logits."""
+    ids = post(server, "/tokenize", {"prompt": PROMPT})["tokens"]
+    out = client.completions.create(model="test", prompt=PROMPT, max_tokens=0, echo=True, logprobs=2)
+    (choice,) = out.choices
+    model = Qwen2ForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logprobs = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+    expected = logprobs[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+    assert choice.text == PROMPT and out.usage.completion_tokens == 0 and out.usage.prompt_tokens == len(ids)
+    assert choice.logprobs.token_logprobs[0] is None and choice.logprobs.top_logprobs[0] is None
+    assert choice.logprobs.token_logprobs[1:] == pytest.approx(expected, abs=1e-4)
+    top2 = logprobs[:-1].topk(2).values.flatten().tolist()
+    got = [lp for t in choice.logprobs.top_logprobs[1:] for lp in sorted(t.values(), reverse=True)]
+    assert got == pytest.approx(top2, abs=1e-4)
+    # With generation after the echo: the prompt's rows, then the generated tokens'.
+    more = client.completions.create(model="test", prompt=PROMPT, max_tokens=3, echo=True, logprobs=0,
+                                     temperature=0).choices[0]
+    plain = client.completions.create(model="test", prompt=PROMPT, max_tokens=3, logprobs=0, temperature=0).choices[0]
+    assert more.text == PROMPT + plain.text and len(more.logprobs.tokens) == len(ids) + 3
+    assert more.logprobs.token_logprobs[len(ids):] == pytest.approx(plain.logprobs.token_logprobs, abs=1e-6)
+
+
+def test_logit_bias_and_min_tokens(server, client, grpc_client):
+    greedy = grpc_client.generate(PROMPT, max_new_tokens=4, temperature=0.0, ignore_eos=True)
+    banned = client.completions.create(model="test", prompt=PROMPT, max_tokens=4, temperature=0,
+                                       logit_bias={str(greedy.token_ids[0]): -100}, extra_body={"ignore_eos": True})
+    assert banned.choices[0].text != greedy.text
+    eos = 151643  # the tiny checkpoint's end of sequence, pushed up by the bias, held off by min_tokens
+    forced = client.completions.create(model="test", prompt=PROMPT, max_tokens=6, temperature=0,
+                                       logit_bias={"42": 50, str(eos): 100}, extra_body={"min_tokens": 4})
+    assert forced.usage.completion_tokens == 5 and forced.choices[0].finish_reason == "stop"
+    assert forced.choices[0].text == post(server, "/detokenize", {"tokens": [42] * 4})["prompt"]
+
+
 # -- metadata, tokenizer --------------------------------------------------------------------------------------
 def test_models_health_version(server, client):
     (model,) = client.models.list().data
