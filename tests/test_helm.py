@@ -8,13 +8,15 @@ the custom resources (ServiceMonitor, PrometheusRule, RayCluster) checked by ass
 pod templates validated as Pods. Then the facts that matter for a real deployment: the GPUs requested are
 exactly what the placement needs, the router's args parse with `qwen2-cluster serve`'s own parser (and
 `ray start`'s with Ray's), the probes hit the ports the processes listen on, /dev/shm is a memory volume,
-the NetworkPolicy keeps Ray's ports inside the release; and values the schema must refuse are refused.
+the NetworkPolicy keeps Ray's ports inside the release, the OpenAI-compatible HTTP API is exposed beside
+gRPC (or cleanly off); and values the schema must refuse are refused.
 
 helm is the real binary (.ci/install-helm.sh puts it in tools/bin; this module runs the script when it is
 missing, so a plain `pytest` works on a fresh machine).
 """
 
 import copy
+import json
 import math
 import os
 import re
@@ -54,6 +56,7 @@ SCENARIOS = {
     "mtls-kuberay": ["tests/helm_values/mtls.yaml"],
     "mtls-tcp-probes": ["tests/helm_values/mtls-tcp-probes.yaml"],
     "kitchen-sink": ["tests/helm_values/kitchen-sink.yaml"],
+    "http-off": ["tests/helm_values/http-off.yaml"],
 }
 
 
@@ -138,6 +141,19 @@ class Rendered:
     @property
     def kuberay(self) -> bool:
         return bool(self.values["kuberay"]["enabled"])
+
+    @property
+    def http_port(self) -> int | None:
+        """The router's HTTP API port the values ask for (None: the API is off)."""
+        http = self.values["serve"]["http"]
+        return http["port"] if http["enabled"] else None
+
+    @property
+    def http_readiness(self) -> bool:
+        """Whether readiness is GET /health on the HTTP port: the API on, and no mutual TLS (the kubelet has no
+        client certificate to present)."""
+        tls = self.values["tls"]
+        return self.http_port is not None and not (tls["enabled"] and tls["clientCA"]["enabled"])
 
     # Pod templates by role: (pod spec, pod labels).
     def head_pod(self) -> tuple[dict, dict]:
@@ -358,6 +374,8 @@ def test_router_args_parse_with_the_cli_and_match_the_values(rendered, name):
     assert args.model == expected_model
     assert args.host == "0.0.0.0"
     assert args.port == s["port"] and args.metrics_port == s["metricsPort"]
+    assert args.http_port == (r.http_port or 0), "--http-port 0 turns the HTTP API off"
+    assert args.served_model_name == (s["servedModelName"] or None)
     assert args.dtype == s["dtype"] and args.rope_scaling_mode == s["ropeScalingMode"]
     assert args.block_size == s["blockSize"]
     assert args.gpu_memory_utilization == pytest.approx(s["gpuMemoryUtilization"])
@@ -502,7 +520,19 @@ def test_probe_ports_are_the_ports_the_processes_listen_on(rendered, name):
     args = build_parser().parse_args(router["args"])
     assert _container_port(router, "grpc") == args.port
     assert _container_port(router, "metrics") == args.metrics_port
-    probes = [router[k] for k in ("startupProbe", "readinessProbe", "livenessProbe")]
+    if args.http_port:
+        assert _container_port(router, "http") == args.http_port
+    else:
+        assert "http" not in [p["name"] for p in router["ports"]]
+    # Startup and liveness: the gRPC check. Readiness: GET /health on the HTTP API where it can be probed.
+    probes = [router[k] for k in ("startupProbe", "livenessProbe")]
+    if r.http_readiness:
+        get = router["readinessProbe"]["httpGet"]
+        assert get["path"] == "/health" and _container_port(router, get["port"]) == args.http_port
+        assert get["scheme"] == ("HTTPS" if v["tls"]["enabled"] else "HTTP")
+        assert "httpHeaders" not in get, "/health needs no token"
+    else:
+        probes.append(router["readinessProbe"])
     for probe in probes:
         if not v["tls"]["enabled"]:
             # Kubernetes' own gRPC probe: grpc.health.v1 Check on the server's port.
@@ -528,8 +558,15 @@ def test_probe_ports_are_the_ports_the_processes_listen_on(rendered, name):
     window = startup["periodSeconds"] * startup["failureThreshold"]
     assert window >= args.placement_timeout + v["head"]["startupProbe"]["loadSeconds"]
     # Services target the same ports.
-    (grpc_port,) = r.grpc_service()["spec"]["ports"]
+    svc_ports = {p["name"]: p for p in r.grpc_service()["spec"]["ports"]}
+    assert set(svc_ports) == ({"grpc", "http"} if args.http_port else {"grpc"})
+    grpc_port = svc_ports["grpc"]
     assert _container_port(router, grpc_port["targetPort"]) == args.port and grpc_port["appProtocol"] == "grpc"
+    if args.http_port:
+        http_port = svc_ports["http"]
+        assert _container_port(router, http_port["targetPort"]) == args.http_port
+        assert http_port["port"] == v["service"]["httpPort"]
+        assert http_port["appProtocol"] == ("https" if v["tls"]["enabled"] else "http")
     metrics = r.one("Service", "-metrics")
     (mport,) = metrics["spec"]["ports"]
     assert _container_port(router, mport["targetPort"]) == args.metrics_port
@@ -615,7 +652,7 @@ def test_network_policy_keeps_rays_ports_between_the_releases_own_pods(rendered,
     for _, labels in pods:
         assert _selects(spec["podSelector"], labels)
     router_args = build_parser().parse_args(r.router()["args"])
-    public = {router_args.port, router_args.metrics_port}
+    public = {router_args.port, router_args.metrics_port} | ({router_args.http_port} if router_args.http_port else set())
 
     # Ray's ports: GCS, client server, dashboard, and what every node binds (from the real `ray start` flags).
     ports = r.values["ray"]["ports"]
@@ -657,6 +694,17 @@ def test_network_policy_keeps_rays_ports_between_the_releases_own_pods(rendered,
     # The API and metrics ports are reachable (from the configured peers).
     for port in public:
         assert any(admits(rule, port) for rule in ingress if not only_release_pods(rule))
+    # HTTP from exactly where gRPC is allowed; with it off, nothing admits its port from outside.
+    grpc_rules = [rule for rule in ingress if not only_release_pods(rule) and rule not in extra
+                  and admits(rule, router_args.port)]
+    assert grpc_rules
+    for rule in grpc_rules:
+        assert rule.get("from") == (r.values["networkPolicy"]["grpcFrom"] or None)
+        if router_args.http_port:
+            assert admits(rule, router_args.http_port)
+    if not router_args.http_port:
+        assert not any(admits(rule, r.values["serve"]["http"]["port"]) for rule in ingress
+                       if not only_release_pods(rule) and rule not in extra)
     if r.values["networkPolicy"]["restrictEgress"]:
         assert "Egress" in spec["policyTypes"]
         egress = spec["egress"]
@@ -691,7 +739,7 @@ def test_services(rendered, name):
     # No Ray port on a Service that can leave the cluster.
     for svc in r.of_kind("Service"):
         if svc["spec"]["type"] != "ClusterIP":
-            assert [p["name"] for p in svc["spec"]["ports"]] == ["grpc"]
+            assert [p["name"] for p in svc["spec"]["ports"]] == (["grpc", "http"] if r.http_port else ["grpc"])
 
 
 @scenario
@@ -783,6 +831,86 @@ def test_observability_switches_off(helm):
     assert "ServiceMonitor" not in kinds and "PrometheusRule" not in kinds and "ConfigMap" not in kinds
 
 
+# -- the OpenAI-compatible HTTP API --------------------------------------------------------------------------------
+
+def test_http_api_is_on_by_default_beside_grpc(rendered):
+    r = rendered["default"]
+    router = r.router()
+    args = build_parser().parse_args(router["args"])
+    assert args.http_port == 8000 and args.host == "0.0.0.0" and args.served_model_name is None
+    assert {"name": "http", "containerPort": 8000, "protocol": "TCP"} in router["ports"]
+    http = [p for p in r.grpc_service()["spec"]["ports"] if p["name"] == "http"]
+    assert http == [{"name": "http", "port": 8000, "targetPort": "http", "protocol": "TCP", "appProtocol": "http"}]
+    (policy,) = r.of_kind("NetworkPolicy")
+    (api,) = [rule for rule in policy["spec"]["ingress"] if {"port": 50051, "protocol": "TCP"} in rule.get("ports", [])]
+    assert {"port": 8000, "protocol": "TCP"} in api["ports"] and "from" not in api  # grpcFrom [] = any source
+    assert router["readinessProbe"]["httpGet"] == {"path": "/health", "port": 8000, "scheme": "HTTP"}
+    # Startup and liveness keep the gRPC health check (and its long liveness window).
+    assert router["startupProbe"]["grpc"] == router["livenessProbe"]["grpc"] == {"port": 50051}
+
+
+@pytest.mark.parametrize("name, scheme", [("0.5b+tls-auth", "HTTPS"), ("mtls-kuberay", None), ("mtls-tcp-probes", None)])
+def test_http_readiness_follows_tls(rendered, name, scheme):
+    r = rendered[name]
+    router = r.router()
+    args = build_parser().parse_args(router["args"])
+    assert args.tls_cert_file and args.http_port == 8000, "one TLS setting for gRPC and HTTP"
+    ready = router["readinessProbe"]
+    if scheme:
+        assert ready["httpGet"] == {"path": "/health", "port": 8000, "scheme": scheme}
+        (http,) = [p for p in r.grpc_service()["spec"]["ports"] if p["name"] == "http"]
+        assert http["appProtocol"] == "https"
+    else:
+        # Mutual TLS: the kubelet has no client certificate, so readiness is the gRPC check, like liveness.
+        assert "httpGet" not in ready
+        assert {k: v for k, v in ready.items() if k in ("exec", "tcpSocket")} == \
+            {k: v for k, v in router["livenessProbe"].items() if k in ("exec", "tcpSocket")}
+
+
+def test_http_api_off(rendered):
+    r = rendered["http-off"]
+    router = r.router()
+    words = router["args"]
+    assert words[words.index("--http-port") + 1] == "0"
+    args = build_parser().parse_args(words)
+    assert args.http_port == 0 and args.served_model_name == "qwen2-custom"
+    assert "http" not in [p["name"] for p in router["ports"]]
+    for svc in r.of_kind("Service"):
+        assert "http" not in [p["name"] for p in svc["spec"]["ports"]], svc["metadata"]["name"]
+    (policy,) = r.of_kind("NetworkPolicy")
+    assert not [p for rule in policy["spec"]["ingress"] for p in rule.get("ports", []) if p["port"] == 8000]
+    # Readiness falls back to the gRPC check (here qwen2-client health over TLS).
+    assert router["readinessProbe"]["exec"] == router["livenessProbe"]["exec"]
+
+
+def test_http_api_custom_ports_and_model_name(rendered):
+    r = rendered["kitchen-sink"]
+    router = r.router()
+    args = build_parser().parse_args(router["args"])
+    assert args.http_port == 8443 and args.served_model_name == "qwen2-7b-chat"
+    assert _container_port(router, "http") == 8443
+    (http,) = [p for p in r.grpc_service()["spec"]["ports"] if p["name"] == "http"]
+    assert (http["port"], _container_port(router, http["targetPort"])) == (443, 8443)
+    assert r.grpc_service()["spec"]["type"] == "NodePort"
+    assert router["readinessProbe"]["httpGet"]["port"] == 8443
+    (policy,) = r.of_kind("NetworkPolicy")
+    (api,) = [rule for rule in policy["spec"]["ingress"] if {"port": args.port, "protocol": "TCP"} in rule.get("ports", [])]
+    assert {"port": 8443, "protocol": "TCP"} in api["ports"] and api["from"] == r.values["networkPolicy"]["grpcFrom"]
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["serve.http.port=50051"], "serve.http.port=50051 is also serve.port"),
+    (["serve.http.port=9090"], "is also serve.metricsPort"),
+    (["serve.http.port=6379"], "is also ray.ports.gcs"),
+    (["serve.http.port=12000"], "Ray's worker port range"),
+])
+def test_http_port_clashes_are_refused(helm, sets, message):
+    r = template(helm, sets=sets)
+    assert r.returncode != 0 and message in r.stderr, r.stderr
+    # Off, the port is not used: no clash.
+    assert template(helm, sets=sets + ["serve.http.enabled=false"]).returncode == 0
+
+
 # -- values the schema refuses ------------------------------------------------------------------------------------
 
 REJECTED = [
@@ -808,6 +936,12 @@ REJECTED = [
     (["tensorParalelSize=8"], "tensorParalelSize"),  # a typo is not silently ignored
     (["serve.maxNumSeq=8"], "maxNumSeq"),
     (["image.repository="], "repository"),
+    (["serve.http.port=0"], "/serve/http/port"),
+    (["serve.http.port=abc"], "/serve/http/port"),
+    (["serve.http.enabled=maybe"], "/serve/http/enabled"),
+    (["serve.http.prot=8000"], "prot"),
+    (["service.httpPort=0"], "/service/httpPort"),
+    (["serve.servedModelName=my model"], "servedModelName"),
 ]
 
 
@@ -822,7 +956,7 @@ def test_schema_rejects_nonsense(helm, sets, field):
 
 # -- NOTES, Chart, image ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["default", "0.5b+tls-auth", "kuberay"])
+@pytest.mark.parametrize("name", ["default", "0.5b+tls-auth", "kuberay", "http-off"])
 def test_notes_say_how_to_reach_the_service(helm, rendered, name):
     r = run_helm(helm, "install", RELEASE, str(CHART), "--dry-run=client", "--namespace", NAMESPACE,
                  *value_args(SCENARIOS[name]))
@@ -845,6 +979,41 @@ def test_notes_say_how_to_reach_the_service(helm, rendered, name):
         assert "--token" in notes
     if rendered[name].values["service"]["type"] == "ClusterIP":
         assert f"port-forward svc/{svc['metadata']['name']} {port}:{port}" in notes
+    _check_http_notes(rendered[name], notes)
+
+
+def _check_http_notes(r: Rendered, notes: str) -> None:
+    """The NOTES' HTTP API part: the in-cluster base URL, and curl calls with the TLS and token settings."""
+    v = r.values
+    svc = r.grpc_service()
+    if r.http_port is None:
+        assert "HTTP API is off" in notes and "curl" not in notes
+        return
+    (http,) = [p for p in svc["spec"]["ports"] if p["name"] == "http"]
+    scheme = "https" if v["tls"]["enabled"] else "http"
+    host = f"{svc['metadata']['name']}.{NAMESPACE}.svc.cluster.local"
+    assert f"{scheme}://{host}:{http['port']}/v1" in notes
+    model = v["serve"]["servedModelName"] or Path(build_parser().parse_args(r.router()["args"]).model).name
+    assert f'(model "{model}"' in notes
+    if v["service"]["type"] == "ClusterIP":
+        assert f"port-forward svc/{svc['metadata']['name']} {http['port']}:{http['port']}" in notes
+    lines = notes.replace("\\\n", " ").splitlines()
+    calls = [shlex.split(ln.strip()) for ln in lines if ln.strip().startswith("curl ")]
+    assert len(calls) == 2
+    for words in calls:
+        url = [w for w in words if w.startswith(("http://", "https://"))][-1]
+        assert url.startswith(f"{scheme}://") and "/v1/" in url
+        if v["tls"]["enabled"]:
+            name = v["tls"]["serverName"] or host
+            assert words[words.index("--cacert") + 1] == "ca.crt"
+            assert words[words.index("--connect-to") + 1] == f"{name}:{http['port']}:$HTTP_TARGET"
+            assert url.startswith(f"https://{name}:{http['port']}/v1/")
+        else:
+            assert url.startswith("http://$HTTP_TARGET/v1/")
+        assert ("--cert" in words) == bool(v["tls"]["enabled"] and v["tls"]["clientCA"]["enabled"])
+        assert ("Authorization: Bearer $QWEN2_TOKEN" in words) == bool(v["auth"]["enabled"])
+    (chat,) = [w for words in calls for w in words if w.startswith("{")]
+    assert json.loads(chat)["model"] == model
 
 
 def test_install_helm_script_is_idempotent(helm):
@@ -879,8 +1048,6 @@ def _dockerfile() -> list[tuple[str, str]]:
 
 
 def test_dockerfile_installs_and_runs_this_project():
-    import json
-
     from packaging.requirements import Requirement
     from packaging.version import Version
 
@@ -918,7 +1085,8 @@ def test_dockerfile_installs_and_runs_this_project():
     args = build_parser().parse_args(cmd)
     assert args.command == "serve" and args.host == "0.0.0.0"
     exposed = {int(p) for op, rest in ins if op == "EXPOSE" for p in rest.split()}
-    assert {args.port, args.metrics_port} <= exposed
-    assert {values["serve"]["port"], values["serve"]["metricsPort"], values["ray"]["ports"]["gcs"],
+    assert {args.port, args.metrics_port, args.http_port} <= exposed
+    assert {values["serve"]["port"], values["serve"]["metricsPort"], values["serve"]["http"]["port"],
+            values["ray"]["ports"]["gcs"],
             values["ray"]["ports"]["dashboardAgentListen"]} <= exposed
     assert values["image"]["repository"] == "qwen2-cluster"

@@ -103,6 +103,19 @@ The layout: checks the schema cannot express, and the worker count.
 {{- if and .Values.tls.clientCA.enabled (not .Values.tls.enabled) }}
 {{- fail "tls.clientCA.enabled needs tls.enabled" }}
 {{- end }}
+{{- if .Values.serve.http.enabled }}
+{{- $http := int .Values.serve.http.port }}
+{{- $rp := .Values.ray.ports }}
+{{- $taken := dict "serve.port" .Values.serve.port "serve.metricsPort" .Values.serve.metricsPort "ray.ports.gcs" $rp.gcs "ray.ports.client" $rp.client "ray.ports.dashboard" $rp.dashboard "ray.ports.nodeManager" $rp.nodeManager "ray.ports.objectManager" $rp.objectManager "ray.ports.runtimeEnvAgent" $rp.runtimeEnvAgent "ray.ports.dashboardAgentGrpc" $rp.dashboardAgentGrpc "ray.ports.dashboardAgentListen" $rp.dashboardAgentListen "ray.ports.metricsExport" $rp.metricsExport }}
+{{- range $k, $v := $taken }}
+{{- if eq (int $v) $http }}
+{{- fail (printf "serve.http.port=%d is also %s: the router's HTTP API needs a port of its own" $http $k) }}
+{{- end }}
+{{- end }}
+{{- if and (ge $http (int $rp.minWorker)) (le $http (int $rp.maxWorker)) }}
+{{- fail (printf "serve.http.port=%d is in Ray's worker port range %d-%d" $http (int $rp.minWorker) (int $rp.maxWorker)) }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/* Worker pods: TP x PP / gpusPerNode. */}}
@@ -268,6 +281,7 @@ The router: `qwen2-cluster serve` args (a YAML list, parsed by the tests with th
     "--host" "0.0.0.0"
     "--port" (toString (int $s.port))
     "--metrics-port" (toString (int $s.metricsPort))
+    "--http-port" (ternary (toString (int $s.http.port)) "0" (not (not $s.http.enabled)))
     "--ray-address" (printf "$(POD_IP):%d" (int .Values.ray.ports.gcs))
     "--device" "cuda"
     "--tensor-parallel-size" (toString (int .Values.tensorParallelSize))
@@ -294,6 +308,9 @@ The router: `qwen2-cluster serve` args (a YAML list, parsed by the tests with th
 {{- if $s.rendezvousHost }}
 {{- $a = concat $a (list "--rendezvous-host" $s.rendezvousHost) }}
 {{- end }}
+{{- if $s.servedModelName }}
+{{- $a = concat $a (list "--served-model-name" $s.servedModelName) }}
+{{- end }}
 {{- if .Values.tls.enabled }}
 {{- $a = concat $a (list "--tls-cert-file" "/etc/qwen2/tls/tls.crt" "--tls-key-file" "/etc/qwen2/tls/tls.key") }}
 {{- if .Values.tls.clientCA.enabled }}
@@ -307,7 +324,7 @@ The router: `qwen2-cluster serve` args (a YAML list, parsed by the tests with th
 {{- toYaml $a }}
 {{- end }}
 
-{{/* The router container's probes. Plaintext: Kubernetes-native grpc probes (grpc.health.v1). TLS: kubelet's
+{{/* The router's gRPC probe handler. Plaintext: Kubernetes-native grpc probes (grpc.health.v1). TLS: kubelet's
 grpc probe cannot speak TLS, so `qwen2-client health` over TLS against 127.0.0.1 (a TCP check under mutual
 TLS without a probe client certificate). */}}
 {{- define "qwen2-cluster.routerProbeHandler" -}}
@@ -330,9 +347,21 @@ exec:
 {{- end }}
 {{- end }}
 
+{{/* Whether readiness is GET /health on the HTTP port: while the HTTP API is on, except under mutual TLS (the
+kubelet presents no client certificate). Its 200/503 follows the same serving state as grpc.health.v1. */}}
+{{- define "qwen2-cluster.httpReadiness" -}}
+{{- if and .Values.serve.http.enabled (not (and .Values.tls.enabled .Values.tls.clientCA.enabled)) }}true{{ end }}
+{{- end }}
+
+{{/* Startup and liveness: the gRPC handler. Readiness: the HTTP API's /health where httpReadiness says so (HTTPS
+under TLS: the kubelet does not verify the certificate), else the gRPC handler. */}}
 {{- define "qwen2-cluster.routerProbes" -}}
 {{- $h := .Values.head }}
 {{- $handler := include "qwen2-cluster.routerProbeHandler" . | trim }}
+{{- $ready := $handler }}
+{{- if include "qwen2-cluster.httpReadiness" . }}
+{{- $ready = printf "httpGet:\n  path: /health\n  port: %d\n  scheme: %s" (int .Values.serve.http.port) (ternary "HTTPS" "HTTP" (not (not .Values.tls.enabled))) }}
+{{- end }}
 {{- $window := add (int .Values.serve.placementTimeoutSeconds) (int $h.startupProbe.loadSeconds) }}
 {{- $period := int $h.startupProbe.periodSeconds }}
 startupProbe:
@@ -341,7 +370,7 @@ startupProbe:
   timeoutSeconds: {{ $h.startupProbe.timeoutSeconds }}
   failureThreshold: {{ div (add $window $period -1) $period }}
 readinessProbe:
-  {{- $handler | nindent 2 }}
+  {{- $ready | nindent 2 }}
   periodSeconds: {{ $h.readinessProbe.periodSeconds }}
   timeoutSeconds: {{ $h.readinessProbe.timeoutSeconds }}
   failureThreshold: {{ $h.readinessProbe.failureThreshold }}
@@ -440,6 +469,11 @@ readinessProbe:
 - name: metrics
   containerPort: {{ int .Values.serve.metricsPort }}
   protocol: TCP
+{{- if .Values.serve.http.enabled }}
+- name: http
+  containerPort: {{ int .Values.serve.http.port }}
+  protocol: TCP
+{{- end }}
 {{- end }}
 
 {{/* Ray ports a node listens on (containerPort entries; informational, names for the Services). */}}
