@@ -139,6 +139,7 @@ async def _serve(args) -> None:
     limits = Limits(max_model_len=max_len, vocab_size=engine.vocab_size, max_new_tokens=args.max_new_tokens_limit)
     runner = Runner(engine, tokenizer, args.max_num_seqs, args.max_num_batched_tokens, args.max_waiting,
                     prefill_latency_factor=args.prefill_latency_factor, max_restarts=args.max_engine_restarts,
+                    prefix_caching=args.enable_prefix_caching,
                     max_model_len=max_len)
     token = Path(args.auth_token_file).read_text().strip() if args.auth_token_file else os.environ.get("QWEN2_AUTH_TOKEN")
     if bool(args.tls_cert_file) != bool(args.tls_key_file):
@@ -223,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-latency-factor", type=float, default=1.5,
                    help="steps that prefill long prompts beside decodes aim at this many decode steps (0: fixed "
                         "budget); the p99 lands about a quarter above it")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV of prompt prefixes already computed (shared system prompts, chat turns)")
     p.add_argument("--max-engine-restarts", type=int, default=3,
                    help="engine failures in a row it is rebuilt after, before requests end UNAVAILABLE")
     p.add_argument("--max-waiting", type=int, default=256, help="queued requests before RESOURCE_EXHAUSTED")

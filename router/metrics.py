@@ -51,6 +51,10 @@ class Metrics:
                                       registry=r)
         self.preemptions = Counter("qwen2_preemptions", "Sequences preempted (recomputed later) for KV blocks",
                                    registry=r)
+        self.prefix_queries = Counter("qwen2_prefix_cache_query_tokens", "Prompt tokens looked up in the prefix "
+                                      "cache (at each admission)", registry=r)
+        self.prefix_hits = Counter("qwen2_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache (their "
+                                   "KV reused, not computed)", registry=r)
         self.kv_used = Gauge("qwen2_kv_cache_blocks_used", "KV cache blocks in use", registry=r)
         # Not *_total: promtool reserves that suffix for counters.
         self.kv_total = Gauge("qwen2_kv_cache_blocks_capacity", "KV cache blocks", registry=r)
@@ -72,6 +76,7 @@ class Metrics:
                           ["model", "tensor_parallel_size", "pipeline_parallel_size", "dtype", "device", "version"],
                           registry=r)
         self._preemptions_seen = 0
+        self._prefix_seen = (0, 0)  # the scheduler's (queried, hit) tokens already counted
         for api in APIS:  # present from the start, so rate() counts each one's first event
             self.received.labels(api)
             for kind in ("validation", "overloaded", "cancelled", "deadline", "unavailable", "internal"):
@@ -102,6 +107,9 @@ class Metrics:
         self.kv_usage.set(blocks.usage)
         self.preemptions.inc(scheduler.num_preemptions - self._preemptions_seen)
         self._preemptions_seen = scheduler.num_preemptions
+        self.prefix_queries.inc(scheduler.prefix_queried_tokens - self._prefix_seen[0])
+        self.prefix_hits.inc(scheduler.prefix_hit_tokens - self._prefix_seen[1])
+        self._prefix_seen = (scheduler.prefix_queried_tokens, scheduler.prefix_hit_tokens)
 
     def on_finish(self, arrival: float, first_scheduled: float | None, first_token: float | None,
                   generated: int, finish_reason: str, api: str = "grpc") -> None:

@@ -69,8 +69,9 @@ class Runner:
     def __init__(self, engine: Engine, tokenizer: Tokenizer, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 2048, max_waiting: int = 256, metrics: Metrics | None = None,
                  prefill_latency_factor: float = 1.5, max_restarts: int = 3, restart_backoff_s: float = 1.0,
-                 probe_interval_s: float = 5.0, max_model_len: int | None = None):
+                 probe_interval_s: float = 5.0, max_model_len: int | None = None, prefix_caching: bool = True):
         self.engine, self.tokenizer = engine, tokenizer
+        self.prefix_caching = prefix_caching
         # Prompt + generated tokens at most: the asked cap (default the model's), lowered to the KV capacity
         # once the engine is up.
         self.max_model_len = min(max_model_len or engine.max_model_len, engine.max_model_len)
@@ -103,7 +104,7 @@ class Runner:
     async def start(self) -> None:
         await self.engine.start()
         self._fit_max_model_len()
-        self.scheduler = Scheduler(BlockManager(self.engine.num_kv_blocks, self.engine.block_size), **self.limits)
+        self.scheduler = Scheduler(self._blocks(), **self.limits)
         if self.prefill_latency_factor > 0:  # start cautious beside decodes; it grows while steps stay fast
             self.scheduler.prefill_budget = min(256, self.scheduler.max_num_batched_tokens)
         self._loop_task = asyncio.create_task(self._loop())
@@ -113,6 +114,9 @@ class Runner:
         c = self.engine.config
         self.metrics.healthy_shards.set(c.tensor_parallel_size * c.pipeline_parallel_size)
         self.metrics.on_scheduler(self.scheduler)
+
+    def _blocks(self) -> BlockManager:
+        return BlockManager(self.engine.num_kv_blocks, self.engine.block_size, self.prefix_caching)
 
     def _fit_max_model_len(self) -> None:
         """Serve no longer a sequence than the KV cache holds whole: one that outgrew it could never finish
@@ -166,7 +170,8 @@ class Runner:
         if sampling.min_tokens:  # what would end it is masked until min_tokens were generated
             eos = () if valid.ignore_eos else self.engine.eos_token_ids
             sampling = dataclasses.replace(sampling, stop_token_ids=tuple(dict.fromkeys((*valid.stop_token_ids, *eos))))
-        seq = Sequence(next(self.ids), list(prompt_ids), sampling, rope_variant, samples=valid.max_new_tokens > 0)
+        seq = Sequence(next(self.ids), list(prompt_ids), sampling, rope_variant, samples=valid.max_new_tokens > 0,
+                       cache_salt=valid.cache_salt)
         detokenizer = IncrementalDetokenizer(self.tokenizer, valid.stop, valid.skip_special_tokens,
                                              valid.include_stop_str_in_output, sampling.min_tokens)
         self.scheduler.add(seq)
@@ -315,7 +320,7 @@ class Runner:
                 await asyncio.sleep(self.restart_backoff_s * 2 ** (self._failures_in_row - 1))
         c = self.engine.config
         if self.engine.num_kv_blocks != self.scheduler.blocks.num_total:  # nothing holds a block now
-            self.scheduler.blocks = BlockManager(self.engine.num_kv_blocks, self.engine.block_size)
+            self.scheduler.blocks = self._blocks()
             self._fit_max_model_len()
         self.metrics.restarts.inc(c.tensor_parallel_size * c.pipeline_parallel_size)
         self.metrics.healthy_shards.set(c.tensor_parallel_size * c.pipeline_parallel_size)

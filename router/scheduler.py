@@ -13,8 +13,10 @@ never admitted is younger than every sequence ever admitted).
 
 import bisect
 import enum
+import hashlib
+import struct
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from shards.batch import SeqPlan
@@ -26,40 +28,98 @@ class QueueFullError(Exception):
 
 
 class BlockManager:
-    """Fixed-size KV blocks handed out by id. The shards hold the memory; this only does the accounting."""
+    """Fixed-size KV blocks handed out by id. The shards hold the memory; this only does the accounting.
 
-    def __init__(self, num_blocks: int, block_size: int):
+    With prefix caching, a full block is also content-addressed: its key (block_key) names everything its
+    K/V depends on, so a sequence whose leading blocks have keys already cached takes those blocks (shared,
+    reference-counted) instead of computing them. A block nobody holds stays cached, and is reused on a hit,
+    until an allocation needs it: blocks never cached go first, then cached ones least recently freed first.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = False):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks} and {block_size}")
         self.num_total = num_blocks
         self.block_size = block_size
-        self._free = deque(range(num_blocks))  # FIFO: a freed block is reused last, which helps debugging
-        self._used: set[int] = set()
+        self.prefix_caching = prefix_caching
+        self._free = deque(range(num_blocks))  # held by nobody, content unknown: FIFO
+        self._cached_free: OrderedDict[int, None] = OrderedDict()  # held by nobody, content known: LRU first
+        self._refs = [0] * num_blocks
+        self._key_of: dict[int, bytes] = {}
+        self._block_of: dict[bytes, int] = {}
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Blocks an allocation can take (cached ones included: they are evicted as needed)."""
+        return len(self._free) + len(self._cached_free)
 
     @property
     def usage(self) -> float:
-        return len(self._used) / self.num_total
+        return 1 - self.num_free / self.num_total
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
     def allocate(self, count: int) -> list[int]:
-        if count > len(self._free):
-            raise RuntimeError(f"cannot allocate {count} KV blocks: {len(self._free)} of {self.num_total} free")
-        blocks = [self._free.popleft() for _ in range(count)]
-        self._used.update(blocks)
+        if count > self.num_free:
+            raise RuntimeError(f"cannot allocate {count} KV blocks: {self.num_free} of {self.num_total} free")
+        blocks = []
+        for _ in range(count):
+            if self._free:
+                block = self._free.popleft()
+            else:  # evict the least recently freed cached block: its key goes with it
+                block, _ = self._cached_free.popitem(last=False)
+                del self._block_of[self._key_of.pop(block)]
+            self._refs[block] = 1
+            blocks.append(block)
         return blocks
 
     def free(self, blocks: list[int]) -> None:
         for block in blocks:
-            if block not in self._used:  # a double free would hand one block to two sequences
+            if self._refs[block] < 1:  # a double free would hand one block to two sequences
                 raise ValueError(f"KV block {block} is not allocated")
-            self._used.remove(block)
-            self._free.append(block)
+            self._refs[block] -= 1
+            if self._refs[block] == 0:
+                if block in self._key_of:
+                    self._cached_free[block] = None
+                else:
+                    self._free.append(block)
+
+    def cached(self, keys: list[bytes]) -> list[int]:
+        """Take (one more reference to) the blocks of the longest cached run of these leading keys."""
+        hits = []
+        for key in keys:
+            block = self._block_of.get(key)
+            if block is None:
+                break
+            if self._refs[block] == 0:
+                del self._cached_free[block]
+            self._refs[block] += 1
+            hits.append(block)
+        return hits
+
+    def remember(self, block: int, key: bytes) -> None:
+        """`block` (held) will hold the K/V `key` names once the step that writes it runs: later steps may
+        share it. A key cached already keeps its block; a block keeps its first key."""
+        if self.prefix_caching and key not in self._block_of and block not in self._key_of:
+            self._key_of[block], self._block_of[key] = key, block
+
+    def forget_all(self) -> None:
+        """Nothing is cached any more (the engine was rebuilt: its KV memory is new)."""
+        self._free.extend(self._cached_free)
+        self._cached_free.clear()
+        self._key_of.clear()
+        self._block_of.clear()
+
+
+def block_key(parent: bytes, tokens: list[int], rope_variant: int, cache_salt: str) -> bytes:
+    """The content key of a full block: its tokens, chained to every token before them through the parent
+    block's key, and everything else its K/V depends on (the RoPE variant) or that must not share it (the
+    tenant's salt). A cryptographic digest, so two different prefixes never share a key."""
+    digest = hashlib.blake2b(parent, digest_size=16)
+    digest.update(struct.pack(f"<i{len(tokens)}q", rope_variant, *tokens))
+    digest.update(cache_salt.encode())
+    return digest.digest()
 
 
 class SeqStatus(enum.Enum):
@@ -82,6 +142,9 @@ class Sequence:
     in_flight: bool = False  # part of a step that has not returned yet
     first_scheduled_time: float | None = None
     num_preemptions: int = 0
+    cache_salt: str = ""  # sequences with different salts never share cached blocks (tenants)
+    num_cached_tokens: int = 0  # prompt tokens its first admission found in the prefix cache
+    block_keys: list[bytes] = field(default_factory=list)  # content keys of its full blocks, computed lazily
     samples: bool = True  # False: only its prompt is computed (for its prompt logprobs), nothing sampled
     # With sampling.prompt_logprobs: a row per prompt token computed so far, None for the first (no context).
     prompt_logprobs: list[dict | None] = field(default_factory=lambda: [None])
@@ -129,6 +192,8 @@ class Scheduler:
         self.waiting: list[Sequence] = []  # sorted by age: FCFS order
         self.running: list[Sequence] = []  # sorted by age: holds blocks, possibly in flight
         self.num_preemptions = 0
+        self.prefix_queried_tokens = 0  # tokens of admitted sequences looked up in the prefix cache
+        self.prefix_hit_tokens = 0  # of them, found there
         self._seqs: dict[int, Sequence] = {}
         self._age: dict[int, int] = {}  # seq_id -> add() order
         self._next_age = 0
@@ -205,11 +270,13 @@ class Scheduler:
             seq = self.waiting[0]
             if self._drop_if_unfittable(seq):
                 continue
+            self._take_cached_prefix(seq)
             # A smaller first chunk rather than waiting for budget.
-            chunk = min(seq.num_tokens, budget, prefill_budget if self.is_long(seq) else seq.num_tokens)
-            if chunk == 0:
-                break
-            if self.blocks.blocks_for(chunk) > self.blocks.num_free:
+            left = seq.num_tokens - seq.num_computed_tokens
+            chunk = min(left, budget, prefill_budget if self.is_long(seq) else left)
+            if chunk == 0 or self.blocks.blocks_for(seq.num_computed_tokens + chunk) - len(seq.block_table) \
+                    > self.blocks.num_free:
+                self._release(seq)  # its cached blocks stay cached
                 break  # FCFS: nobody overtakes the head of the queue
             self.waiting.pop(0)
             seq.status = SeqStatus.RUNNING
@@ -271,10 +338,12 @@ class Scheduler:
         del self._age[seq_id]
 
     def requeue_all(self) -> None:
-        """After an engine failure: every running sequence (in flight or not) is recomputed from its tokens."""
+        """After an engine failure: every running sequence (in flight or not) is recomputed from its tokens,
+        and nothing is cached (the rebuilt engine's KV memory holds nothing; dropped steps wrote nothing)."""
         for seq in self.running:
             self._release(seq)
             seq.status = SeqStatus.WAITING
+        self.blocks.forget_all()
         self.waiting = sorted(self.running + self.waiting, key=self._key)  # they all go before never-admitted
         self.running = []
 
@@ -302,8 +371,33 @@ class Scheduler:
         if need > 0:
             seq.block_table += self.blocks.allocate(need)
 
+    def _take_cached_prefix(self, seq: Sequence) -> None:
+        """Start a sequence from the cached blocks of its longest cached prefix: full blocks only, and never
+        its last token (it must compute something to sample). Prompt logprobs need the whole prompt."""
+        if not self.blocks.prefix_caching or seq.sampling.prompt_logprobs is not None:
+            return
+        seq.block_table = self.blocks.cached(self._block_keys(seq, (seq.num_tokens - 1) // self.blocks.block_size))
+        seq.num_computed_tokens = len(seq.block_table) * self.blocks.block_size
+        self.prefix_queried_tokens += seq.num_tokens
+        self.prefix_hit_tokens += seq.num_computed_tokens
+        if seq.first_scheduled_time is None:  # what its usage reports: the first admission's hit
+            seq.num_cached_tokens = seq.num_computed_tokens
+
+    def _block_keys(self, seq: Sequence, count: int) -> list[bytes]:
+        """The content keys of the sequence's first `count` full blocks (computed once per sequence)."""
+        size, keys = self.blocks.block_size, seq.block_keys
+        while len(keys) < count:
+            i = len(keys)
+            keys.append(block_key(keys[-1] if keys else b"", seq.tokens(i * size, (i + 1) * size), seq.rope_variant,
+                                  seq.cache_salt))
+        return keys[:count]
+
     def _plan(self, seq: Sequence, chunk: int) -> SeqPlan:
         start, end = seq.num_computed_tokens, seq.num_computed_tokens + chunk
+        if self.blocks.prefix_caching:  # blocks this step fills: later steps, and this one, may share them
+            size = self.blocks.block_size
+            for i, key in enumerate(self._block_keys(seq, end // size)[start // size:], start // size):
+                self.blocks.remember(seq.block_table[i], key)
         samples = end == seq.num_tokens and seq.samples
         penalised = seq.sampling.repetition_penalty != 1.0
         # Prompt logprobs until they are delivered (with the first token), recomputed after a preemption.

@@ -218,7 +218,8 @@ class GenerationService(pb_grpc.GenerationServicer):
         seq = request.seq
         return pb.FinalInfo(
             finish_reason=FINISH[event.finish_reason],
-            usage=pb.Usage(prompt_tokens=len(seq.prompt_token_ids), generated_tokens=len(seq.output_token_ids)),
+            usage=pb.Usage(prompt_tokens=len(seq.prompt_token_ids), generated_tokens=len(seq.output_token_ids),
+                           cached_tokens=seq.num_cached_tokens),
             timings=pb.Timings(queue_seconds=request.queue_seconds, time_to_first_token_seconds=request.ttft_seconds,
                                total_seconds=time.monotonic() - began),
             matched_stop=event.matched_stop or "",

@@ -72,6 +72,7 @@ class ValidRequest:
     ignore_eos: bool = False
     skip_special_tokens: bool = True  # in the text (token ids are always all there)
     include_stop_str_in_output: bool = False  # the matched stop string, or the stop/EOS token's text
+    cache_salt: str = ""  # prefix-cache isolation: only requests with the same salt share cached blocks
 
 
 def validate_parameters(given: Mapping[str, Any], prompt_len: int, defaults: Defaults, limits: Limits,
@@ -151,6 +152,9 @@ def validate_parameters(given: Mapping[str, Any], prompt_len: int, defaults: Def
                         f"`{wire('stop_token_ids')}[{i}]` must be >= 0 and < the vocabulary size {limits.vocab_size}, "
                         f"got {t}"))
     logit_bias = _logit_bias(given.get("logit_bias") or {}, limits, prefix, wire("logit_bias"), bad)
+    cache_salt = given.get("cache_salt") or ""
+    check("cache_salt", f"{len(cache_salt)} characters", len(cache_salt) <= limits.max_stop_length,
+          f"at most {limits.max_stop_length} characters")
     if bad:
         raise RequestError(bad)
     seed = given.get("seed")
@@ -166,6 +170,7 @@ def validate_parameters(given: Mapping[str, Any], prompt_len: int, defaults: Def
         ignore_eos=bool(given.get("ignore_eos")),
         skip_special_tokens=bool(given.get("skip_special_tokens", True)),
         include_stop_str_in_output=bool(given.get("include_stop_str_in_output")),
+        cache_salt=cache_salt,
     )
 
 

@@ -42,7 +42,8 @@ def test_only_given_parameters_are_set():
     p = build_parameters(max_new_tokens=16, temperature=0.7, top_p=0.9, min_p=0.05, repetition_penalty=1.1,
                          presence_penalty=0.5, frequency_penalty=0.25, seed=2**40, stop=["\n\n", "END"],
                          stop_token_ids=[151643], ignore_eos=True, logprobs=5, top_k=20, logit_bias={7: -100, 9: 2.5},
-                         min_tokens=3, prompt_logprobs=0, skip_special_tokens=False, include_stop_str_in_output=True)
+                         min_tokens=3, prompt_logprobs=0, skip_special_tokens=False, include_stop_str_in_output=True,
+                         cache_salt="tenant-a")
     assert {f.name for f, _ in p.ListFields()} == {f.name for f in pb.GenerationParameters.DESCRIPTOR.fields}
     assert (p.max_new_tokens, p.top_k, p.seed, list(p.stop), list(p.stop_token_ids), p.logprobs) == (
         16, 20, 2**40, ["\n\n", "END"], [151643], 5)
@@ -325,7 +326,7 @@ def test_cli_json_output_shape(monkeypatch, capsys):
     obj = json.loads(lines[0])
     assert {"token_ids", "text", "finish_reason", "logprobs", "usage"} <= set(obj)
     assert obj["token_ids"] == [11, 13] and obj["text"] == " Paris" and obj["finish_reason"] == "length"
-    assert obj["usage"] == {"prompt_tokens": 3, "generated_tokens": 2}
+    assert obj["usage"] == {"prompt_tokens": 3, "generated_tokens": 2, "cached_tokens": 0}
     assert obj["logprobs"][0] == {"token_id": 11, "logprob": -0.5,
                                   "top": [{"token_id": 11, "logprob": -0.5}, {"token_id": 12, "logprob": -1.25}]}
 

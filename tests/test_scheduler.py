@@ -1,11 +1,12 @@
-"""Scheduler tests against a fake model that keeps a KV cache of token ids.
+"""Scheduler tests against a fake model that keeps a KV cache of prefix digests.
 
-The fake model writes each planned token into the slot its block table names and, when a sequence
-samples, reads the whole context back through the block table: a lost, stale or shared block changes
-(or trips on) what it reads. The next token is a hash of that context, so the right output of every
+The fake model writes each planned token's "K/V" (a digest of its whole prefix) into the slot its block
+table names and reads every position a sequence attends back through the block table: a lost, stale or
+wrongly shared block changes what it reads. The next token is a hash of that context, so the right output of every
 request is known in advance and a preempted or requeued sequence must reproduce it exactly.
 """
 
+import collections
 from collections import deque
 
 import pytest
@@ -33,29 +34,43 @@ def prompt_of(seq_id: int, length: int) -> list[int]:
     return [(seq_id * 31 + i * 7) % 1000 for i in range(length)]
 
 
+def kv(prev, token: int, rope_variant: int):
+    """What the fake model caches at a position: a digest of every token up to it and the RoPE variant, as
+    a real K/V depends on them. A block shared, evicted or reused wrongly shows up as a wrong digest."""
+    return hash((prev, token, rope_variant))
+
+
 class FakeModel:
-    def __init__(self, blocks: BlockManager):
-        self.block_size = blocks.block_size
-        self.cache = [[None] * blocks.block_size for _ in range(blocks.num_total)]
+    def __init__(self, sched: Scheduler):
+        self.sched, self.block_size = sched, sched.blocks.block_size
+        self.cache = [[None] * self.block_size for _ in range(sched.blocks.num_total)]
 
     def slot(self, table, pos):
         return self.cache[table[pos // self.block_size]], pos % self.block_size
 
+    def read(self, table, pos):
+        block, off = self.slot(table, pos)
+        return block[off]
+
     def step(self, plans):
         for p in plans:  # all writes of a step land before any read, as in one forward
+            prev = self.read(p.block_table, p.start - 1) if p.start else None
             for i, tok in enumerate(p.token_ids):
+                prev = kv(prev, tok, p.rope_variant)
                 block, off = self.slot(p.block_table, p.start + i)
-                block[off] = (p.seq_id, tok)
+                block[off] = prev
         results = []
         for p in plans:
+            seq = self.sched._seqs.get(p.seq_id)
+            if seq is None or self.sched._planned.get(p.seq_id) is not p:
+                continue  # finished or requeued since: its results are dropped
+            end = p.start + len(p.token_ids)
+            context, expected = seq.all_token_ids[:end], None
+            for pos, tok in enumerate(context):  # every position it attends holds its own prefix's K/V
+                expected = kv(expected, tok, seq.rope_variant)
+                assert self.read(p.block_table, pos) == expected, f"seq {p.seq_id}: wrong K/V at position {pos}"
             if p.sampling is None:
                 continue
-            end = p.start + len(p.token_ids)
-            context = []
-            for pos in range(end):
-                block, off = self.slot(p.block_table, pos)
-                assert block[off] is not None and block[off][0] == p.seq_id, f"seq {p.seq_id} pos {pos}: {block[off]}"
-                context.append(block[off][1])
             assert context[len(context) - len(p.output_token_ids) :] == p.output_token_ids
             if p.sampling.repetition_penalty != 1.0:
                 assert p.prompt_token_ids + p.output_token_ids == context
@@ -67,11 +82,16 @@ class FakeModel:
 
 def check_invariants(sched: Scheduler):
     blocks = sched.blocks
-    tables = [b for s in sched.running for b in s.block_table]
-    assert len(tables) == len(set(tables)), "a block is in two tables"
-    assert not set(tables) & set(blocks._free), "a block is both free and owned"
+    tables = collections.Counter(b for s in sched.running for b in s.block_table)
+    assert all(blocks._refs[b] == n for b, n in tables.items()), "a block's references are not its tables"
+    assert sum(blocks._refs) == sum(tables.values()), "a block is referenced by no table"
+    if not blocks.prefix_caching:
+        assert max(tables.values(), default=1) == 1, "a block is in two tables"
+    free = set(blocks._free) | set(blocks._cached_free)
+    assert len(free) == blocks.num_free and not set(tables) & free, "a block is both free and owned"
     assert len(tables) + blocks.num_free == blocks.num_total
     assert blocks.usage == pytest.approx(len(tables) / blocks.num_total)
+    assert set(blocks._cached_free) <= set(blocks._key_of) and set(blocks._free).isdisjoint(blocks._key_of)
     assert sched.num_running <= sched.max_num_seqs
     for s in sched.running:
         assert s.status is SeqStatus.RUNNING
@@ -106,18 +126,19 @@ def check_step(sched: Scheduler, plans, in_flight_ids: set[int]):
 class Driver:
     """A router loop in miniature: up to `depth` steps in flight, run by the model in submission order."""
 
-    def __init__(self, num_blocks, block_size, max_num_seqs=8, budget=16, max_waiting=1000, depth=1):
-        self.sched = Scheduler(BlockManager(num_blocks, block_size), max_num_seqs, budget, max_waiting)
-        self.model = FakeModel(self.sched.blocks)
+    def __init__(self, num_blocks, block_size, max_num_seqs=8, budget=16, max_waiting=1000, depth=1,
+                 prefix_caching=False):
+        self.sched = Scheduler(BlockManager(num_blocks, block_size, prefix_caching), max_num_seqs, budget, max_waiting)
+        self.model = FakeModel(self.sched)
         self.depth = depth
         self.pending: deque = deque()
         self.max_new: dict[int, int] = {}
         self.outputs: dict[int, list[int]] = {}
         self.steps: list[list] = []
 
-    def add(self, seq_id, prompt_len, max_new, sampling=GREEDY):
+    def add(self, seq_id, prompt_len, max_new, sampling=GREEDY, prompt=None, **seq_fields):
         self.max_new[seq_id] = max_new
-        self.sched.add(Sequence(seq_id, prompt_of(seq_id, prompt_len), sampling))
+        self.sched.add(Sequence(seq_id, prompt or prompt_of(seq_id, prompt_len), sampling, **seq_fields))
 
     def fill(self):
         while len(self.pending) < self.depth:
@@ -220,7 +241,7 @@ def test_fcfs_head_that_does_not_fit_blocks_later_ones():
 
 def test_first_chunk_shrinks_to_remaining_budget():
     sched = Scheduler(BlockManager(64, 4), max_num_seqs=8, max_num_batched_tokens=10, max_waiting=8)
-    model = FakeModel(sched.blocks)
+    model = FakeModel(sched)
     for i in range(3):
         sched.add(Sequence(i, prompt_of(i, 2), GREEDY))
     plans = sched.schedule()
@@ -278,7 +299,7 @@ def test_prefill_budget_limits_prompt_chunks_only_beside_decodes():
 
 def test_sampling_plan_fields():
     sched = Scheduler(BlockManager(16, 4), max_num_seqs=8, max_num_batched_tokens=64, max_waiting=8)
-    model = FakeModel(sched.blocks)
+    model = FakeModel(sched)
     rep = SamplingParams(repetition_penalty=1.3, seed=5)
     sched.add(Sequence(0, [1, 2, 3], rep, rope_variant=1))
     sched.add(Sequence(1, [4, 5], GREEDY))
@@ -356,7 +377,7 @@ def test_sequence_outgrowing_the_whole_cache_is_aborted_not_deadlocked():
 
 def test_steps_in_flight_are_disjoint():
     sched = Scheduler(BlockManager(64, 4), max_num_seqs=8, max_num_batched_tokens=64, max_waiting=8)
-    model = FakeModel(sched.blocks)
+    model = FakeModel(sched)
     for i in range(3):
         sched.add(Sequence(i, prompt_of(i, 3), GREEDY))
     first = sched.schedule()
@@ -374,7 +395,7 @@ def test_steps_in_flight_are_disjoint():
 
 def test_finish_mid_flight_frees_blocks_at_once():
     sched = Scheduler(BlockManager(16, 4), max_num_seqs=8, max_num_batched_tokens=64, max_waiting=8)
-    model = FakeModel(sched.blocks)
+    model = FakeModel(sched)
     sched.add(Sequence(0, prompt_of(0, 9), GREEDY))  # 3 blocks
     sched.add(Sequence(1, prompt_of(1, 3), GREEDY))  # 1 block
     plans = sched.schedule()
@@ -418,7 +439,7 @@ def test_requeue_all_recomputes_everything():
 
 def test_stale_results_after_requeue_are_ignored():
     sched = Scheduler(BlockManager(16, 4), max_num_seqs=8, max_num_batched_tokens=64, max_waiting=8)
-    model = FakeModel(sched.blocks)
+    model = FakeModel(sched)
     sched.add(Sequence(0, prompt_of(0, 5), GREEDY))
     stale = sched.schedule()
     stale_results = model.step(stale)
@@ -464,25 +485,35 @@ def scenarios(draw):
         requests=requests,
         cancels=cancels,
         requeue_at=draw(st.none() | st.integers(0, 30)),
+        prefix_caching=draw(st.booleans()),
+        shared=draw(st.integers(0, capacity)),  # leading tokens every prompt has in common
+        variants=draw(st.sampled_from([1, 2])),  # RoPE variants in use (every other request when 2)
     )
+
+
+def shared_prompt(seq_id: int, length: int, shared: int) -> list[int]:
+    """A prompt whose first `shared` tokens are every prompt's, the rest its own."""
+    return [(k * 13 + 5) % 1000 for k in range(min(shared, length))] + prompt_of(seq_id, length)[shared:]
 
 
 @settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenarios())
 def test_randomized_invariants_and_exact_tokens(sc):
-    d = Driver(sc["num_blocks"], sc["block_size"], sc["max_num_seqs"], sc["budget"], depth=sc["depth"])
+    d = Driver(sc["num_blocks"], sc["block_size"], sc["max_num_seqs"], sc["budget"], depth=sc["depth"],
+               prefix_caching=sc["prefix_caching"])
     requests = sorted(sc["requests"], key=lambda r: r[3])  # ids in add() order
     requests = [(i, prompt, new, arrival) for i, (_, prompt, new, arrival) in enumerate(requests)]
     cancelled = {}
     for tick in range(20_000):
         for i, prompt, new, arrival in requests:
             if arrival == tick:
-                d.add(i, prompt, new)
+                d.add(i, prompt, new, prompt=shared_prompt(i, prompt, sc["shared"]), rope_variant=i % sc["variants"])
         for at, i in sc["cancels"]:
             seq = d.sched._seqs.get(i)
             if at == tick and seq is not None:
                 cancelled[i] = list(seq.output_token_ids)
-                free_before, held = d.sched.blocks.num_free, len(seq.block_table)
+                free_before = d.sched.blocks.num_free
+                held = sum(d.sched.blocks._refs[b] == 1 for b in seq.block_table)  # the ones no one else holds
                 d.sched.finish(i)
                 assert d.sched.blocks.num_free == free_before + held
         if tick == sc["requeue_at"]:
@@ -497,9 +528,91 @@ def test_randomized_invariants_and_exact_tokens(sc):
     else:
         raise AssertionError("scheduler made no progress")
     for i, prompt, new, _ in requests:
-        want = expected_output(prompt_of(i, prompt), new)
+        want = expected_output(shared_prompt(i, prompt, sc["shared"]), new)
         if i in cancelled:
             assert want[: len(cancelled[i])] == cancelled[i]
         else:
             assert d.outputs[i] == want
     assert d.sched.blocks.num_free == d.sched.blocks.num_total and d.sched.pop_aborted() == []
+
+
+# -- prefix caching ------------------------------------------------------------------------------------
+
+SYSTEM = [(k * 13 + 5) % 1000 for k in range(20)]  # 5 full blocks of 4
+
+
+def first_plan(d: Driver, seq_id: int):
+    return next(p for step in d.steps for p in step if p.seq_id == seq_id)
+
+
+def test_a_shared_prefix_is_computed_once_and_later_requests_start_after_it():
+    d = Driver(num_blocks=64, block_size=4, budget=64, prefix_caching=True)
+    d.add(0, 0, 3, prompt=SYSTEM + [1, 2, 3])
+    d.run()
+    d.add(1, 0, 3, prompt=SYSTEM + [7, 8])
+    d.add(2, 0, 3, prompt=SYSTEM[:10] + [9])  # ends mid-block: the 2 full blocks it shares
+    outputs = d.run()
+    assert (first_plan(d, 1).start, first_plan(d, 2).start) == (20, 8)
+    assert outputs[1] == expected_output(SYSTEM + [7, 8], 3) and outputs[2] == expected_output(SYSTEM[:10] + [9], 3)
+    assert (d.sched.prefix_queried_tokens, d.sched.prefix_hit_tokens) == (23 + 22 + 11, 20 + 8)
+    assert d.sched._seqs == {} and d.sched.blocks.num_free == 64  # cached blocks count as free
+
+
+def test_identical_prompts_in_one_step_share_what_the_first_computes():
+    d = Driver(num_blocks=64, block_size=4, budget=64, prefix_caching=True)
+    for i in range(3):
+        d.add(i, 0, 4, prompt=SYSTEM[:17])
+    d.fill()
+    assert [(p.seq_id, p.start, len(p.token_ids)) for p in d.steps[0]] == [(0, 0, 17), (1, 16, 1), (2, 16, 1)]
+    assert d.run() == {i: expected_output(SYSTEM[:17], 4) for i in range(3)}
+
+
+def test_a_whole_cached_prompt_still_computes_its_last_block():
+    """At least the last token is computed, in a block of its own: a shared block is never written."""
+    d = Driver(num_blocks=64, block_size=4, budget=64, prefix_caching=True)
+    d.add(0, 0, 2, prompt=SYSTEM[:16])
+    d.run()
+    d.add(1, 0, 2, prompt=SYSTEM[:16])
+    assert d.run()[1] == expected_output(SYSTEM[:16], 2) and first_plan(d, 1).start == 12
+
+
+@pytest.mark.parametrize("other", [dict(rope_variant=1), dict(cache_salt="tenant-b")])
+def test_other_rope_variants_and_salts_never_share(other):
+    d = Driver(num_blocks=64, block_size=4, budget=64, prefix_caching=True)
+    d.add(0, 0, 2, prompt=SYSTEM, cache_salt="tenant-a")
+    d.run()
+    d.add(1, 0, 2, prompt=SYSTEM, **({"cache_salt": "tenant-a"} | other))
+    d.add(2, 0, 2, prompt=SYSTEM, cache_salt="tenant-a")
+    d.run()
+    assert first_plan(d, 1).start == 0 and first_plan(d, 2).start == 16
+
+
+def test_prompt_logprobs_compute_the_whole_prompt():
+    d = Driver(num_blocks=64, block_size=4, budget=64, prefix_caching=True)
+    d.add(0, 0, 2, prompt=SYSTEM)
+    d.run()
+    d.add(1, 0, 2, prompt=SYSTEM, sampling=SamplingParams(temperature=0.0, prompt_logprobs=0))
+    d.fill()
+    assert first_plan(d, 1).start == 0
+
+
+def test_cached_blocks_are_evicted_least_recently_freed_first_and_forgotten_after_a_failure():
+    d = Driver(num_blocks=10, block_size=4, budget=64, prefix_caching=True)
+    a, b = SYSTEM[:12], [500 + k for k in range(12)]
+    d.add(0, 0, 1, prompt=a)  # 12 tokens: 3 full blocks, cached once it is done
+    d.run()
+    d.add(1, 0, 1, prompt=b)
+    d.run()
+    assert d.sched.blocks.num_free == 10 and len(d.sched.blocks._cached_free) == 6
+    d.add(2, 0, 1, prompt=[900 + k for k in range(20)])  # 5 blocks: the 4 never cached, then a's first
+    d.run()
+    d.add(3, 0, 1, prompt=b)
+    d.add(4, 0, 1, prompt=a)
+    d.run()
+    assert first_plan(d, 3).start == 8 and first_plan(d, 4).start == 0  # a's chain lost its head; b's holds
+    d.add(5, 0, 1, prompt=b)
+    d.fill()
+    d.sched.requeue_all()  # an engine failure: the rebuilt engine's memory holds nothing
+    d.pending.clear()
+    d.steps.clear()
+    assert d.run()[5] == expected_output(b, 1) and first_plan(d, 5).start == 0

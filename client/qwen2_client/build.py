@@ -31,6 +31,7 @@ class GenerationParams(TypedDict, total=False):
     prompt_logprobs: int  # top-n per prompt token (given: each prompt token's logprob; max_new_tokens may be 0)
     skip_special_tokens: bool  # in the text (default true)
     include_stop_str_in_output: bool  # keep the matched stop string in the text (default false)
+    cache_salt: str  # share cached prompt blocks only with requests of the same salt (a tenant's)
 
 
 PARAM_NAMES = tuple(f.name for f in pb.GenerationParameters.DESCRIPTOR.fields)
@@ -61,6 +62,10 @@ def build_parameters(**params: Any) -> pb.GenerationParameters:
             if not isinstance(value, Mapping):
                 raise TypeError(f"logit_bias must be a mapping of token id to bias, got {value!r}")
             out.logit_bias.update({_int("logit_bias token id", t): _float(name, b) for t, b in value.items()})
+        elif name == "cache_salt":
+            if not isinstance(value, str):
+                raise TypeError(f"cache_salt must be a string, got {value!r}")
+            out.cache_salt = value
         elif name in _BOOLS:
             setattr(out, name, bool(value))
         elif name in _INTS:

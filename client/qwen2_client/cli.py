@@ -99,6 +99,7 @@ def _generation_options(p: argparse.ArgumentParser) -> None:
                    help="keep special tokens in the text")
     g.add_argument("--include-stop-str-in-output", action="store_true", default=None,
                    help="keep the matched stop string in the text")
+    g.add_argument("--cache-salt", help="share cached prompt blocks only with requests of the same salt")
     g.add_argument("--request-id")
     p.add_argument("--json", action="store_true", help="print JSON (stream: one object per line)")
     p.add_argument("-v", "--verbose", action="store_true", help="print finish reason and usage to stderr")
@@ -106,7 +107,8 @@ def _generation_options(p: argparse.ArgumentParser) -> None:
 
 PARAM_ARGS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
               "presence_penalty", "frequency_penalty", "seed", "stop", "stop_token_ids", "ignore_eos", "logprobs",
-              "logit_bias", "min_tokens", "prompt_logprobs", "skip_special_tokens", "include_stop_str_in_output")
+              "logit_bias", "min_tokens", "prompt_logprobs", "skip_special_tokens", "include_stop_str_in_output",
+              "cache_salt")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -45,6 +45,7 @@ class TokenLogprob:
 class Usage:
     prompt_tokens: int = 0
     generated_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the server's prefix cache already held
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ class FinalInfo:
     def from_pb(cls, m: pb.FinalInfo) -> "FinalInfo":
         return cls(
             finish_reason=finish_reason_name(m.finish_reason),
-            usage=Usage(m.usage.prompt_tokens, m.usage.generated_tokens),
+            usage=Usage(m.usage.prompt_tokens, m.usage.generated_tokens, m.usage.cached_tokens),
             timings=Timings(m.timings.queue_seconds, m.timings.time_to_first_token_seconds,
                             m.timings.total_seconds),
             matched_stop=m.matched_stop or None,
