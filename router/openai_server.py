@@ -66,15 +66,13 @@ class ApiError(Exception):
         return JSONResponse(ErrorResponse(error=info).model_dump(), status_code=self.status)
 
 
-def _refusal(e: Exception) -> ApiError:
+def _refusal(e: RequestError | QueueFullError | EngineUnavailable) -> ApiError:
     """The core's client-facing errors as HTTP errors."""
     if isinstance(e, RequestError):
         return ApiError(400, str(e), param=e.violations[0][0])
     if isinstance(e, QueueFullError):
         return ApiError(429, str(e), code="queue_full")
-    if isinstance(e, EngineUnavailable):
-        return ApiError(503, str(e), code="unavailable")
-    raise e
+    return ApiError(503, str(e), code="unavailable")
 
 
 def _invalid(field: str, message: str) -> RequestError:
@@ -228,7 +226,7 @@ class OpenAIApi:
         choice.text.append(event.text)
         choice.token_ids += event.token_ids
         choice.logprobs += event.logprobs
-        if getattr(event, "prompt_logprobs", None) is not None:
+        if event.prompt_logprobs is not None:
             choice.prompt_logprobs = event.prompt_logprobs
         if event.finish_reason is not None:
             choice.finish_reason = FINISH.get(event.finish_reason, "stop")
