@@ -32,6 +32,7 @@ class VllmExtras(Body):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
+    cache_salt: str | None = None  # prefix-cache isolation: only requests with the same salt share blocks
 
 
 class Sampling(VllmExtras):
@@ -117,10 +118,15 @@ class DetokenizeRequest(Body):
 
 
 # -- responses ------------------------------------------------------------------------------------------------
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int  # prompt tokens whose KV came from the prefix cache
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class CompletionLogprobs(BaseModel):

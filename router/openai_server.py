@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException
 from router.openai_protocol import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
     ChatLogprobs, ChatMessage, CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Delta,
-    DetokenizeRequest, DetokenizeResponse, ErrorInfo, ErrorResponse, ModelCard, ModelList, Sampling,
+    DetokenizeRequest, DetokenizeResponse, ErrorInfo, ErrorResponse, ModelCard, ModelList, PromptTokensDetails, Sampling,
     TokenizeChatRequest, TokenizeCompletionRequest, TokenizeResponse, TokenLogprob, TopLogprob, Usage,
 )
 from router.runner import EngineUnavailable, Event, Request
@@ -49,7 +49,7 @@ ERROR_TYPES = {401: "authentication_error", 429: "rate_limit_error", 500: "serve
 # The fields both bodies pass to validation under the gRPC API's names (which are also vLLM's).
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
                    "frequency_penalty", "seed", "stop_token_ids", "ignore_eos", "min_tokens", "skip_special_tokens",
-                   "include_stop_str_in_output", "logit_bias")
+                   "include_stop_str_in_output", "logit_bias", "cache_salt")
 TEMPLATE_OWN = {"messages", "add_generation_prompt", "continue_final_message", "tools", "documents"}
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 CLIENT_GONE = 499  # nginx's status for a client that closed the connection first (nobody reads it)
@@ -258,7 +258,11 @@ class OpenAIApi:
     def _usage(choices: list[Choice], prompts: list[list[int]]) -> Usage:
         prompt = sum(len(p) for p in prompts)  # each prompt once, however many choices it has
         completion = sum(len(c.token_ids) for c in choices)
-        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+        # A prompt's cached tokens as its first choice found them (its other choices share what it computes).
+        n = len(choices) // len(prompts)
+        cached = sum(c.request.seq.num_cached_tokens for c in choices[::n])
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
     # -- logprobs ---------------------------------------------------------------------------------------
     def _token(self, token_id: int) -> tuple[str, list[int]]:
