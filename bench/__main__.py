@@ -16,16 +16,17 @@ import time
 
 import torch
 
-from bench import baseline, floors, report, steps
+from bench import baseline, floors, prefix, report, steps
 from bench.long_context import interference, yarn_config
 from bench.workloads import offline, online, request_mix
 from shards.checkpoint import preset_config, write_random_checkpoint
 
-WORKLOADS = ("floors", "baseline", "offline", "online", "overhead", "long")
+WORKLOADS = ("floors", "baseline", "offline", "online", "overhead", "prefix", "long")
 # --quick: the same harness at sizes that run in a minute (for development and the smoke test).
 QUICK = dict(requests=8, prompt_tokens=(16, 64), new_tokens=(4, 16), baseline_batch_sizes=[4, 8],
              probe_batches=[1, 8], probe_steps=6, prefill_tokens=64, long_prompt_tokens=512, long_streams=4,
-             long_warmup_s=3.0)
+             long_warmup_s=3.0, prefix_requests=8, system_tokens=128, question_tokens=(16, 32), prefix_new_tokens=8,
+             chat_clients=4, chat_turns=3)
 
 
 def ints(text: str) -> list[int]:
@@ -59,6 +60,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="docs/performance.md says 32768: minutes of prefill on 2 cores, past the 15-minute budget")
     p.add_argument("--long-streams", type=int, default=16)
     p.add_argument("--long-warmup-s", type=float, default=15.0)
+    p.add_argument("--prefix-requests", type=int, default=64, help="prefix: requests sharing the system prompt")
+    p.add_argument("--system-tokens", type=int, default=1024, help="prefix: the shared system prompt's length")
+    p.add_argument("--question-tokens", type=ints, default=(32, 128), help="prefix: min,max of each own question")
+    p.add_argument("--prefix-new-tokens", type=int, default=64)
+    p.add_argument("--chat-clients", type=int, default=16, help="prefix: clients replaying a multi-turn chat")
+    p.add_argument("--chat-turns", type=int, default=4)
     p.add_argument("--kv-cache-memory-gib", type=float, default=1.0, help="per rank")
     p.add_argument("--serve-args", default="", help="more `qwen2-cluster serve` flags, e.g. '--prefill-latency-factor 0'")
     p.add_argument("--quick", action="store_true", help="small sizes: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
@@ -139,6 +146,28 @@ def serve_workloads(args, model_dir, cost: floors.ModelCost, limits: dict, tp: i
     return {k: v for k, v in out.items() if v}
 
 
+def prefix_workloads(args, model_dir, threads: int, errors: list) -> dict:
+    """The prefix workloads and the offline mix (which shares nothing) with prefix caching on, then off."""
+    tp = args.tp[0]
+    out = {"tp": tp}
+    mix = request_mix(args.requests, args.prompt_tokens, args.new_tokens, args.seed)
+    for mode, flag in (("on", ""), ("off", " --no-enable-prefix-caching")):
+        with server(model_dir, tp, threads, args.kv_cache_memory_gib, args.serve_args + flag) as (target, metrics):
+            asyncio.run(offline(target, request_mix(2, (64, 64), (4, 4), seed=-1)))  # set-up off the clock
+            shared = lambda: asyncio.run(prefix.shared_prompt(  # noqa: E731
+                target, args.prefix_requests, args.system_tokens, args.question_tokens, args.prefix_new_tokens,
+                args.seed))
+            chat = lambda: asyncio.run(prefix.chat(  # noqa: E731
+                target, args.chat_clients, args.chat_turns, args.system_tokens, args.question_tokens[0],
+                args.prefix_new_tokens, args.seed))
+            out[mode] = {
+                "offline": attempt(errors, f"prefix {mode}: offline", lambda: asyncio.run(offline(target, mix))),
+                "shared": attempt(errors, f"prefix {mode}: shared prompt", lambda: prefix.measured(metrics, shared)),
+                "chat": attempt(errors, f"prefix {mode}: chat", lambda: prefix.measured(metrics, chat)),
+            }
+    return out
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -155,10 +184,12 @@ def main(argv=None) -> dict:
         mix = request_mix(args.requests, args.prompt_tokens, args.new_tokens, args.seed)
         results["baseline"] = attempt(errors, "baseline", lambda: baseline.run(
             model_dir, mix, args.baseline_batch_sizes, args.baseline_batches or None))
-    if set(args.workloads) - {"baseline", "long"}:
+    if set(args.workloads) - {"baseline", "long", "prefix"}:
         for tp in args.tp:
             results["tp"][str(tp)] = attempt(errors, f"TP={tp}", lambda: serve_workloads(
                 args, model_dir, cost, limits, tp, threads, errors)) or {}
+    if "prefix" in args.workloads:
+        results["prefix"] = attempt(errors, "prefix", lambda: prefix_workloads(args, model_dir, threads, errors))
     if "long" in args.workloads:
         long_dir = write_random_checkpoint(os.path.join(workdir.name, "yarn"),
                                            yarn_config(args.preset, args.long_prompt_tokens))

@@ -43,6 +43,14 @@ def targets(r: dict) -> list[tuple[str, float, str, bool]]:
             per_layer = layout["collectives"]["all_reduce_per_layer"]
             rows.append((f"all-reduces of the hidden states per layer (beside the embedding's one per step), "
                          f"TP={tp}", per_layer, "= 2", per_layer == 2))
+    runs = r.get("prefix", {})
+    if all(runs.get(m, {}).get("shared") for m in ("on", "off")):
+        ratio = float(runs["off"]["shared"]["ttft"]["p50_ms"] / runs["on"]["shared"]["ttft"]["p50_ms"])
+        rows.append(("prefix: shared-prompt TTFT p50 without / with prefix caching", ratio, ">= 5x", ratio >= 5))
+    if all(runs.get(m, {}).get("offline") for m in ("on", "off")):
+        ratio = runs["on"]["offline"]["tokens_per_s"] / runs["off"]["offline"]["tokens_per_s"]
+        rows.append(("prefix: offline throughput (nothing shared) with / without prefix caching", ratio, ">= 0.97x",
+                     ratio >= 0.97))
     if "long" in r:
         ratio = r["long"]["ratio"]
         rows.append(("long: short streams' ITL p99 during / without the long prefill", ratio, "<= 2x", ratio <= 2))
@@ -97,6 +105,19 @@ def figures(r: dict) -> list[tuple[str, str]]:
             sizes = ", ".join(f"{k[:-6]} {v / 2**10:,.0f} KiB" for k, v in sorted(c["rank0_per_step"].items())
                               if k.endswith(".bytes"))
             rows.append((f"collectives per decode step, batch {c['batch']}, TP={tp}, rank 0", f"{calls}; {sizes}"))
+    prefix_runs = r.get("prefix", {})
+    for mode in ("on", "off"):
+        for name, w in prefix_runs.get(mode, {}).items():
+            if not w:
+                continue
+            what = {"offline": "offline mix", "shared": f"{w.get('requests')} requests sharing a system prompt",
+                    "chat": f"{w.get('clients')} clients x {w.get('turns')} chat turns"}[name]
+            value = f"{w['tokens_per_s']:,.1f} tok/s"
+            if "ttft" in w:
+                value += f"; TTFT {_ms(w['ttft']['p50_ms'] / 1e3)} / {_ms(w['ttft']['p99_ms'] / 1e3)}; hit ratio " \
+                         f"{w['hit_ratio']:.0%}"
+            rows.append((f"prefix caching {mode}, TP={prefix_runs['tp']}: {what}: throughput"
+                         + ("; TTFT p50 / p99; hits" if "ttft" in w else ""), value))
     if "long" in r:
         lg = r["long"]
         rows.append((f"long: {lg['long_prompt_tokens']:,}-token prompt ({lg['long_rope_variant']}), {lg['streams']} "

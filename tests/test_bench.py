@@ -65,3 +65,22 @@ def test_bench_quick_runs_end_to_end_and_counts_agree(tmp_path):
     figures = {t["figure"] for t in r["targets"]}
     assert any(f.startswith("offline throughput") for f in figures)
     assert any(f.startswith("control overhead") for f in figures)
+
+
+def test_bench_prefix_workloads_counts_and_hits(tmp_path):
+    """The prefix workloads with caching on and off: same work asked of both, hits only with the cache."""
+    out = tmp_path / "results.json"
+    main(["--quick", "--preset", "tiny", "--tp", "1", "--workloads", "prefix", "--json", str(out)])
+    r = json.loads(out.read_text())
+    assert r["errors"] == []
+    s = r["settings"]
+    for mode in ("on", "off"):
+        runs = r["prefix"][mode]
+        assert runs["shared"]["generated_tokens"] == s["prefix_requests"] * s["prefix_new_tokens"]
+        assert runs["chat"]["generated_tokens"] == s["chat_clients"] * s["chat_turns"] * s["prefix_new_tokens"]
+        assert runs["offline"]["generated_tokens"] == runs["offline"]["requested_tokens"] > 0
+    # Every request but the first finds the system prompt's full blocks (16 tokens each); every chat turn
+    # after the first finds the conversation so far.
+    assert r["prefix"]["on"]["shared"]["hit_ratio"] > 0.5 and r["prefix"]["on"]["chat"]["hit_ratio"] > 0.3
+    assert r["prefix"]["off"]["shared"]["hit_ratio"] == r["prefix"]["off"]["chat"]["hit_ratio"] == 0
+    assert any(t["figure"].startswith("prefix: shared-prompt TTFT") for t in r["targets"])
