@@ -1,8 +1,8 @@
 """The OpenAI-compatible API's wire shapes: one typed model per request body, and the responses.
 
 Request bodies refuse unknown fields (`extra="forbid"`): a field we would not honour is answered with a 400
-naming it, never silently ignored. OpenAI fields that need features still to come (tools, structured
-outputs) are declared so the error can say so; the server refuses them when set. Bounds (temperature,
+naming it, never silently ignored. OpenAI fields we do not serve (the legacy `functions`) are declared so the
+error can say so; the server refuses them when set. Bounds (temperature,
 max_tokens, ...) are not repeated here: they are checked in router/validation.py, as for gRPC.
 """
 
@@ -21,6 +21,30 @@ class StreamOptions(Body):
     include_usage: bool = False
 
 
+class StructuredOutputs(Body):
+    """vLLM's `structured_outputs`: one constraint on the output."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    json_: str | dict[str, Any] | bool | None = Field(None, alias="json")  # a JSON schema, or its JSON text
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None  # EBNF
+
+
+class JsonSchemaFormat(Body):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(None, alias="schema")
+    strict: bool | None = None  # the schema is always enforced, strict or not
+
+
+class ResponseFormat(Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class VllmExtras(Body):
     """Sampling and stopping knobs beyond OpenAI's that vLLM's users send (same names, same meaning)."""
 
@@ -33,12 +57,14 @@ class VllmExtras(Body):
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
     cache_salt: str | None = None  # prefix-cache isolation: only requests with the same salt share blocks
+    structured_outputs: StructuredOutputs | None = None
 
 
 class Sampling(VllmExtras):
     """The fields both request bodies share."""
 
     model: str | None = None  # absent: the served model
+    response_format: ResponseFormat | None = None  # OpenAI's, on chat; vLLM takes it on completions too
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
@@ -82,11 +108,10 @@ class ChatCompletionRequest(Sampling):
     max_completion_tokens: int | None = None  # wins over max_tokens, its deprecated spelling
     logprobs: bool = False
     top_logprobs: int | None = None
-    # Refused when set, until structured outputs and tool calling land.
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
-    response_format: dict[str, Any] | None = None
+    # The legacy spelling of tools: refused when set.
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
     # vLLM's chat template controls.

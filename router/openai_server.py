@@ -108,9 +108,11 @@ class OpenAIApi:
                            param="model", code="model_not_found")
 
     @staticmethod
-    def _given(body: Sampling, max_tokens: int | None, logprobs: int | None) -> dict:
-        """The fields the client set, under the gRPC names validate_parameters reads."""
+    def _given(body: Sampling, max_tokens: int | None, logprobs: int | None, names: dict) -> dict:
+        """The fields the client set, under the gRPC names validate_parameters reads (`names` gets the HTTP
+        names of the constraint's fields)."""
         given = {name: getattr(body, name) for name in SAMPLING_FIELDS if getattr(body, name) is not None}
+        given |= OpenAIApi._constraint(body, names)
         if given.get("top_k") == -1:  # vLLM's spelling of "off"
             given["top_k"] = 0
         if body.stop is not None:
@@ -120,6 +122,30 @@ class OpenAIApi:
         if logprobs is not None:
             given["logprobs"] = logprobs
         return given
+
+    @staticmethod
+    def _constraint(body: Sampling, names: dict) -> dict:
+        """OpenAI's response_format and vLLM's structured_outputs, under the gRPC names of the constraints."""
+        rf, so = body.response_format, body.structured_outputs
+        if rf is not None and rf.type != "text":
+            if so is not None:
+                raise _invalid("structured_outputs", "set `response_format` or `structured_outputs`, not both")
+            if rf.type == "json_object":
+                names["json_object"] = "response_format"
+                return {"json_object": True}
+            if rf.json_schema is None or rf.json_schema.schema_ is None:
+                raise _invalid("response_format.json_schema", "`response_format.json_schema.schema` is required "
+                               "with `type`: 'json_schema'")
+            names["json_schema"] = "response_format.json_schema.schema"
+            return {"json_schema": rf.json_schema.schema_}
+        if so is None:
+            return {}
+        names |= {"json_schema": "structured_outputs.json", "json_object": "structured_outputs.json_object",
+                  "regex": "structured_outputs.regex", "choice": "structured_outputs.choice",
+                  "grammar": "structured_outputs.grammar"}
+        given = {"json_schema": so.json_, "json_object": so.json_object, "regex": so.regex, "choice": so.choice,
+                 "grammar": so.grammar}
+        return {k: v for k, v in given.items() if v is not None}
 
     def _choices(self, body: Sampling, prompts: list[list[int]], given: dict, names: dict) -> list[Admission]:
         """n admissions per prompt; with a seed, choice i samples with seed + i (so each is reproducible)."""
@@ -303,7 +329,7 @@ class OpenAIApi:
             if body.best_of is not None and body.best_of != body.n:
                 raise _invalid("best_of", f"`best_of` must equal `n` ({body.n}): candidates are not ranked "
                                f"server-side, got {body.best_of}")
-            given = self._given(body, body.max_tokens, body.logprobs)
+            given = self._given(body, body.max_tokens, body.logprobs, names)
             if body.echo and (body.logprobs is not None or body.max_tokens == 0):
                 given["prompt_logprobs"] = body.logprobs or 0
             prompts, texts = await self._completion_prompts(body)
@@ -394,7 +420,8 @@ class OpenAIApi:
             rendered = self._render(body.messages, body.add_generation_prompt, body.continue_final_message,
                                     body.chat_template_kwargs, body.model_fields_set)
             prompts = [await self.core.encode(rendered)]
-            given = self._given(body, getattr(body, max_field), (body.top_logprobs or 0) if body.logprobs else None)
+            given = self._given(body, getattr(body, max_field), (body.top_logprobs or 0) if body.logprobs else None,
+                                names)
             return self._choices(body, prompts, given, names)
 
         choices = [Choice(i, r, prompts[0]) for i, r in enumerate(await self._admit(read))]
@@ -440,9 +467,6 @@ class OpenAIApi:
                 raise _invalid(name, f"`{name}` {later}; got {value!r}")
         if body.parallel_tool_calls:
             raise _invalid("parallel_tool_calls", f"`parallel_tool_calls` {later}")
-        if body.response_format is not None and body.response_format != {"type": "text"}:
-            raise _invalid("response_format", f"`response_format` other than {{'type': 'text'}} {later}; got "
-                           f"{body.response_format!r}")
 
     # -- tokenizer and metadata -------------------------------------------------------------------------
     async def tokenize(self, body: TokenizeCompletionRequest | TokenizeChatRequest) -> TokenizeResponse:

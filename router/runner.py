@@ -19,6 +19,7 @@ from cluster.engine import Engine, EngineError
 from router.detokenizer import IncrementalDetokenizer
 from router.metrics import Metrics
 from router.scheduler import BlockManager, Scheduler, Sequence
+from router.structured import Matcher, fill_masks
 from router.tokenizer import Tokenizer
 from router.validation import ValidRequest
 
@@ -50,6 +51,7 @@ class Request:
     last_token_time: float | None = None
     finished: bool = False
     api: str = "grpc"  # the front door it came through (a metrics label)
+    matcher: Matcher | None = None  # a structured-output request's grammar state
 
     @property
     def queue_seconds(self) -> float:
@@ -100,6 +102,7 @@ class Runner:
         # Events of the step just completed, handed to the streams once the next step is submitted, so the
         # streams' work (gRPC writes) overlaps the next forward instead of delaying it. None: hand at once.
         self._outbox: list[tuple[Request, Event]] | None = None
+        self._constrained = 0  # live requests with a matcher: 0 means no per-step grammar work at all
 
     async def start(self) -> None:
         await self.engine.start()
@@ -162,8 +165,9 @@ class Runner:
         """What health reports: admitting and the engine up (not failed, not being rebuilt)."""
         return self.ready and self.failure is None and not self.recovering
 
-    def submit(self, prompt_ids: list[int], valid: ValidRequest, rope_variant: int = 0, api: str = "grpc") -> Request:
-        """Admit a request (QueueFullError when the waiting queue is full)."""
+    def submit(self, prompt_ids: list[int], valid: ValidRequest, rope_variant: int = 0, api: str = "grpc",
+               matcher: Matcher | None = None) -> Request:
+        """Admit a request (QueueFullError when the waiting queue is full); `matcher` constrains its tokens."""
         if not self.ready or self.failure is not None:
             raise EngineUnavailable("the engine is not serving" + (f": {self.failure}" if self.failure else ""))
         sampling = valid.sampling
@@ -175,8 +179,9 @@ class Runner:
         detokenizer = IncrementalDetokenizer(self.tokenizer, valid.stop, valid.skip_special_tokens,
                                              valid.include_stop_str_in_output, sampling.min_tokens)
         self.scheduler.add(seq)
-        request = Request(seq, valid, detokenizer, api=api)
+        request = Request(seq, valid, detokenizer, api=api, matcher=matcher)
         self.requests[seq.seq_id] = request
+        self._constrained += matcher is not None
         self.metrics.prompt_tokens.inc(len(prompt_ids))
         self.metrics.request_prompt_tokens.observe(len(prompt_ids))
         self._wake.set()
@@ -194,7 +199,8 @@ class Runner:
             self.metrics.on_finish(seq.arrival_time, seq.first_scheduled_time, request.first_token_time,
                                    len(seq.output_token_ids), event.finish_reason, request.api)
         request.finished = True
-        self.requests.pop(request.seq.seq_id, None)
+        if self.requests.pop(request.seq.seq_id, None) is not None:
+            self._constrained -= request.matcher is not None
         if self.scheduler is not None:
             self.scheduler.finish(request.seq.seq_id)
         self._hand(request, event)
@@ -232,6 +238,8 @@ class Runner:
             began = time.perf_counter()
             plans = self.scheduler.schedule()
             self.metrics.step_phase.labels("schedule").observe(time.perf_counter() - began)
+            if self._constrained:
+                self._constrain(plans)
             for seq in self.scheduler.pop_aborted():  # outgrew the whole KV cache
                 if seq.seq_id in self.requests:
                     self._end(self.requests[seq.seq_id], Event(finish_reason="length"))
@@ -259,6 +267,21 @@ class Runner:
         self.metrics.on_step(len(plans), sum(len(p.token_ids) for p in plans), self.engine.last_rank_seconds,
                              self.engine.config.tensor_parallel_size)
         self.metrics.on_scheduler(self.scheduler)
+
+    def _constrain(self, plans) -> None:
+        """Token masks for the constrained plans that sample. At plan time: a sequence is never planned while in
+        flight, so its matcher has seen (sync) every token it has, the one of the step just completed too."""
+        began = time.perf_counter()
+        rows = []
+        for plan in plans:
+            request = self.requests.get(plan.seq_id)
+            if plan.sampling is not None and request is not None and request.matcher is not None:
+                request.matcher.sync(request.seq.output_token_ids)
+                rows.append((plan, request.matcher))
+        if rows:
+            for (plan, _), mask in zip(rows, fill_masks([m for _, m in rows])):
+                plan.token_mask = mask
+            self.metrics.step_phase.labels("mask").observe(time.perf_counter() - began)
 
     async def _step(self, plans):
         began = time.perf_counter()
@@ -360,6 +383,8 @@ class Runner:
         valid, event = request.valid, Event(token_ids=[token], logprobs=[row])
         if asked_prompt_logprobs and len(seq.output_token_ids) == 1:
             event.prompt_logprobs = seq.prompt_logprobs
+        if request.matcher is not None:
+            request.matcher.sync(seq.output_token_ids)
         if token in valid.stop_token_ids or (token in self.engine.eos_token_ids and not valid.ignore_eos):
             event.finish_reason = "stop" if token in valid.stop_token_ids else "eos"
             if valid.include_stop_str_in_output:
@@ -368,6 +393,9 @@ class Runner:
             event.text = request.detokenizer.add(token)
             if request.detokenizer.stopped:
                 event.finish_reason, event.matched_stop = "stop", request.detokenizer.matched_stop
+        if event.finish_reason is None and request.matcher is not None and (request.matcher.terminated
+                                                                            or request.matcher.rejected):
+            event.finish_reason = "stop"  # the grammar is done (its end token was taken under ignore_eos)
         if event.finish_reason is None and (len(seq.output_token_ids) >= valid.max_new_tokens
                                             or seq.num_tokens >= self.max_model_len):
             event.finish_reason = "length"

@@ -193,6 +193,8 @@ class GenerationService(pb_grpc.GenerationServicer):
         async def read() -> Admission:
             prompt = await self._prompt(request)
             given = {f.name: v for f, v in request.parameters.ListFields()}
+            if "choice" in given:
+                given["choice"] = list(given["choice"].choices)
             return Admission(prompt, validate_parameters(given, len(prompt), self.core.defaults, self.core.limits))
 
         try:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from router.runner import EngineUnavailable, Event, Request, Runner
 from router.scheduler import QueueFullError
+from router.structured import Grammars
 from router.tokenizer import ChatTemplateError, Tokenizer
 from router.validation import Defaults, Limits, RequestError, ValidRequest
 from shards.rope import ORIGINAL, SCALED
@@ -37,9 +38,11 @@ class Admission:
 
 class ServingCore:
     def __init__(self, runner: Runner, tokenizer: Tokenizer, defaults: Defaults, limits: Limits,
-                 rope_scaling_mode: str = "per-request"):
+                 rope_scaling_mode: str = "per-request", grammar_timeout_s: float = 10.0):
         self.runner, self.tokenizer, self.defaults, self._limits = runner, tokenizer, defaults, limits
         self.rope_scaling_mode = rope_scaling_mode  # "per-request", "static" (YaRN for all) or "off"
+        engine = runner.engine
+        self.grammars = Grammars(tokenizer, engine.vocab_size, engine.eos_token_ids, grammar_timeout_s)
 
     @property
     def limits(self) -> Limits:
@@ -124,11 +127,14 @@ class ServingCore:
             admissions = await read()
             count = len(admissions)
             metrics.received.labels(api).inc(count - 1)
-            for admission in admissions:
+            # Compiled before anything is queued (a bad constraint refuses the whole request); n choices share one.
+            grammars = [admission.valid.constraint and await self.grammars.compile(admission.valid.constraint)
+                        for admission in admissions]
+            for admission, grammar in zip(admissions, grammars):
                 valid = admission.valid
                 submitted.append(self.runner.submit(
                     admission.prompt_ids, valid, self.rope_variant(len(admission.prompt_ids) + valid.max_new_tokens),
-                    api=api))
+                    api=api, matcher=grammar and self.grammars.matcher(grammar)))
             return submitted
         except asyncio.CancelledError:
             for request in submitted:

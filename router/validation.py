@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jsonschema
+
 from shards.sampling import SamplingParams
 
 
@@ -33,6 +35,7 @@ class Limits:
     max_logprobs: int = 20
     max_logit_bias: int = 300  # entries of logit_bias
     max_input_chars: int = 4_000_000
+    max_constraint_chars: int = 64_000  # a JSON schema, regex, grammar or the choices (as JSON) at most
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,24 @@ class Defaults:
         )
 
 
+CONSTRAINTS = ("json_schema", "json_object", "regex", "choice", "grammar")  # at most one a request
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What a request's output must match (router/structured.py compiles it). `source`: the schema's JSON, the
+    regex, the EBNF, the choices as a JSON list, or (tool_call) the allowed tools as a JSON list of
+    {"name", "parameters"}; `field` is where it sits in the request, which its errors name."""
+
+    kind: str  # one of CONSTRAINTS, or tool_call
+    source: str
+    field: str
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.kind, self.source
+
+
 @dataclass
 class ValidRequest:
     max_new_tokens: int
@@ -73,6 +94,7 @@ class ValidRequest:
     skip_special_tokens: bool = True  # in the text (token ids are always all there)
     include_stop_str_in_output: bool = False  # the matched stop string, or the stop/EOS token's text
     cache_salt: str = ""  # prefix-cache isolation: only requests with the same salt share cached blocks
+    constraint: Constraint | None = None
 
 
 def validate_parameters(given: Mapping[str, Any], prompt_len: int, defaults: Defaults, limits: Limits,
@@ -155,6 +177,7 @@ def validate_parameters(given: Mapping[str, Any], prompt_len: int, defaults: Def
     cache_salt = given.get("cache_salt") or ""
     check("cache_salt", f"{len(cache_salt)} characters", len(cache_salt) <= limits.max_stop_length,
           f"at most {limits.max_stop_length} characters")
+    constraint = _constraint(given, limits, prefix, wire, bad)
     if bad:
         raise RequestError(bad)
     seed = given.get("seed")
@@ -171,7 +194,59 @@ def validate_parameters(given: Mapping[str, Any], prompt_len: int, defaults: Def
         skip_special_tokens=bool(given.get("skip_special_tokens", True)),
         include_stop_str_in_output=bool(given.get("include_stop_str_in_output")),
         cache_salt=cache_salt,
+        constraint=constraint,
     )
+
+
+def _constraint(given: Mapping, limits: Limits, prefix: str, wire, bad: list) -> Constraint | None:
+    """The one constraint set (json_object: true counts, false does not), its size bounded; a JSON schema must
+    be one. Whether it compiles is router/structured.py's to say."""
+    kinds = [k for k in CONSTRAINTS if given.get(k) not in (None, False)]
+    if len(kinds) > 1:
+        bad.append((prefix + wire(kinds[1]), f"only one constraint may be set, got {[wire(k) for k in kinds]}"))
+    if len(kinds) != 1:
+        return None
+    kind, value = kinds[0], given[kinds[0]]
+    name = wire(kind)
+    if kind == "json_object":
+        return Constraint(kind, "", prefix + name)
+    if kind == "choice":
+        value = list(value)
+        if not value or not all(isinstance(c, str) and c for c in value):
+            bad.append((prefix + name, f"`{name}` must be a non-empty list of non-empty strings"))
+            return None
+        value = json.dumps(value, ensure_ascii=False)
+    elif kind == "json_schema" and not isinstance(value, str):
+        value = json.dumps(value)
+    if len(value) > limits.max_constraint_chars:
+        bad.append((prefix + name, f"`{name}` must be at most {limits.max_constraint_chars} characters, got "
+                                   f"{len(value)}"))
+        return None
+    if not value.strip():
+        bad.append((prefix + name, f"`{name}` must not be empty"))
+        return None
+    if kind == "json_schema":
+        problem = schema_problem(value)
+        if problem:
+            bad.append((prefix + name, f"`{name}` {problem}"))
+            return None
+    return Constraint(kind, value, prefix + name)
+
+
+def schema_problem(source: str) -> str | None:
+    """Why this text is not a JSON schema (xgrammar accepts some nonsense silently), or None."""
+    try:
+        schema = json.loads(source)
+    except json.JSONDecodeError as e:
+        return f"is not valid JSON: {e}"
+    if not isinstance(schema, (dict, bool)):
+        return f"must be a JSON object, got {type(schema).__name__}"
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as e:
+        where = "/".join(str(p) for p in e.absolute_path) or "(root)"
+        return f"is not a valid JSON schema at {where}: {e.message[:300]}"
+    return None
 
 
 def _logit_bias(bias: Mapping, limits: Limits, prefix: str, name: str, bad: list) -> tuple[tuple[int, float], ...]:

@@ -28,6 +28,9 @@ class SeqPlan:
     # chunk (None on the last chunk), which the chunk's last row predicts.
     prompt_logprobs: int | None = None
     next_token_id: int | None = None
+    # A structured-output sequence's allowed next tokens, set with `sampling`: a packed bitmask (little-endian
+    # int32 words, bit i of word w allows id 32w + i), computed by the router's grammar matcher. None: any.
+    token_mask: bytes | None = None
 
     @property
     def prompt_targets(self) -> list[int]:

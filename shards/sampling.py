@@ -84,6 +84,19 @@ def _additions(params: list[SamplingParams], output_token_ids: list[list[int]], 
             torch.tensor(values, dtype=torch.float32, device=device))
 
 
+def _allowed(token_masks: list[bytes | None] | None, vocab_size: int, device):
+    """(rows, [R, V] bool) of the rows that carry a packed token bitmask; None when none does."""
+    rows = [i for i, m in enumerate(token_masks or ()) if m is not None]
+    if not rows:
+        return None
+    words = torch.stack([torch.frombuffer(bytearray(token_masks[i]), dtype=torch.int32) for i in rows]).to(device)
+    bits = (words[:, :, None] >> torch.arange(32, dtype=torch.int32, device=device)) & 1
+    allowed = bits.flatten(1)[:, :vocab_size].bool()
+    if allowed.shape[1] < vocab_size:  # ids past the mask (padding rows of the LM head) are never allowed
+        allowed = torch.nn.functional.pad(allowed, (0, vocab_size - allowed.shape[1]))
+    return torch.tensor(rows, device=device), allowed
+
+
 @dataclass
 class SamplingTensors:
     """The batch's sampling parameters as [B] tensors, built once per step from Python lists.
@@ -103,6 +116,8 @@ class SamplingTensors:
     # (rows, token ids, values) added to the logits: logit_bias, and -inf on the ids min_tokens still bans;
     # None when no row has either (those rows cost nothing).
     additions: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+    # (rows, [R, V] bool) of the structured-output rows: tokens outside their grammar are -inf, greedy too.
+    allowed: tuple[torch.Tensor, torch.Tensor] | None
     seen: torch.Tensor | None  # [B, V] bool, token in prompt or output; None when no row uses it
     output_counts: torch.Tensor | None  # [B, V] float32; None when no row uses it
     keys: torch.Tensor  # [B] int64 in 0..2^32-1, per-row RNG key for this step
@@ -120,6 +135,7 @@ class SamplingTensors:
         output_token_ids: list[list[int]],
         vocab_size: int,
         device,
+        token_masks: list[bytes | None] | None = None,
     ) -> "SamplingTensors":
         def tensor(values, dtype=torch.float32):
             return torch.tensor(values, dtype=dtype, device=device)
@@ -141,6 +157,7 @@ class SamplingTensors:
             temperature=tensor([1.0 if g else p.temperature for g, p in zip(greedy, params)]),
             greedy=tensor(greedy, torch.bool),
             additions=_additions(params, output_token_ids, device),
+            allowed=_allowed(token_masks, vocab_size, device),
             top_k=tensor(top_k, torch.long),
             top_p=tensor(top_p),
             min_p=tensor(min_p),
@@ -223,13 +240,16 @@ def _apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 
 
 def process_logits(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
-    """Final float32 logits the token is drawn from: logit_bias and the min_tokens mask first (as vLLM),
-    then transformers' generate order: repetition penalty, presence/frequency penalties, temperature,
+    """Final float32 logits the token is drawn from: logit_bias and the min_tokens mask first (as vLLM), then
+    the grammar's token mask (after the bias, so no bias revives a banned token), then transformers' generate order: repetition penalty, presence/frequency penalties, temperature,
     top-k, top-p, min-p. Truncated tokens are -inf. The input is not modified."""
     logits = logits.float()
     if t.additions is not None:
         rows, ids, values = t.additions
         logits = logits.index_put((rows, ids), values, accumulate=True)
+    if t.allowed is not None:
+        rows, allowed = t.allowed
+        logits = logits.index_put((rows,), logits[rows].masked_fill(~allowed, float("-inf")))
     if t.seen is not None:
         rp = t.repetition_penalty[:, None]
         logits = torch.where(t.seen, torch.where(logits < 0, logits * rp, logits / rp), logits)
@@ -250,6 +270,7 @@ def sample(
     params: list[SamplingParams],
     prompt_token_ids: list[list[int]],
     output_token_ids: list[list[int]],
+    token_masks: list[bytes | None] | None = None,
 ) -> TokenLogprobs:
     """Pick one token per row of logits [B, V] (float32, or bf16/fp16, computed in float32).
 
@@ -258,10 +279,12 @@ def sample(
     comes from the counter-based hash above, so seeded rows are batch-independent.
 
     Returned logprobs (chosen token and top-N) are log_softmax of the RAW logits, before
-    logit_bias, the min_tokens mask, penalties, temperature and truncation (vLLM's default
-    "raw_logprobs"): they describe the model, not the sampling knobs.
+    logit_bias, the min_tokens mask, the token mask, penalties, temperature and truncation (vLLM's default
+    "raw_logprobs"): they describe the model, not the sampling knobs. `token_masks`: per row, a packed bitmask
+    of the tokens it may take (structured outputs), or None.
     """
-    t = SamplingTensors.build(params, prompt_token_ids, output_token_ids, logits.shape[1], logits.device)
+    t = SamplingTensors.build(params, prompt_token_ids, output_token_ids, logits.shape[1], logits.device,
+                              token_masks)
     processed = process_logits(logits, t)
     token_ids = processed.max(dim=-1).indices  # first maximum, like argmax, and faster on CPU
     if not t.all_greedy:

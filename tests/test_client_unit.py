@@ -44,7 +44,13 @@ def test_only_given_parameters_are_set():
                          stop_token_ids=[151643], ignore_eos=True, logprobs=5, top_k=20, logit_bias={7: -100, 9: 2.5},
                          min_tokens=3, prompt_logprobs=0, skip_special_tokens=False, include_stop_str_in_output=True,
                          cache_salt="tenant-a")
-    assert {f.name for f, _ in p.ListFields()} == {f.name for f in pb.GenerationParameters.DESCRIPTOR.fields}
+    constraints = {f.name for f in pb.GenerationParameters.DESCRIPTOR.oneofs_by_name["constraint"].fields}
+    assert {f.name for f, _ in p.ListFields()} == {f.name for f in pb.GenerationParameters.DESCRIPTOR.fields} - constraints
+    # the constraints are a oneof: each set alone
+    assert build_parameters(json_schema={"type": "object"}).json_schema == '{"type": "object"}'
+    assert list(build_parameters(choice=["a", "b"]).choice.choices) == ["a", "b"]
+    assert build_parameters(regex="[a-z]+").WhichOneof("constraint") == "regex"
+    assert build_parameters(json_object=True).json_object and build_parameters(grammar="root ::= \"x\"").grammar
     assert (p.max_new_tokens, p.top_k, p.seed, list(p.stop), list(p.stop_token_ids), p.logprobs) == (
         16, 20, 2**40, ["\n\n", "END"], [151643], 5)
     assert p.temperature == pytest.approx(0.7) and p.ignore_eos is True

@@ -289,8 +289,8 @@ def test_errors_are_the_sdks_typed_exceptions(client):
     with pytest.raises(openai.BadRequestError, match="not supported yet") as e:
         client.chat.completions.create(model="test", messages=CHAT, tools=[{"type": "function", "function": {
             "name": "f", "parameters": {}}}])
-    with pytest.raises(openai.BadRequestError, match="response_format"):
-        client.chat.completions.create(model="test", messages=CHAT, response_format={"type": "json_object"})
+    with pytest.raises(openai.BadRequestError, match="response_format.json_schema.schema` is required"):
+        client.chat.completions.create(model="test", messages=CHAT, response_format={"type": "json_schema"})
     with pytest.raises(openai.BadRequestError, match="not a field of this request") as e:
         client.completions.create(model="test", prompt=PROMPT, extra_body={"frobnicate": 1})
     assert e.value.body["param"] == "frobnicate"

@@ -332,3 +332,32 @@ def test_min_tokens_masks_stop_ids_as_transformers_min_new_tokens():
         torch.testing.assert_close(_process(logits, [p], [prompt], [output])[0], expected, atol=1e-6, rtol=0)
         token = int(sample(logits, [p], [prompt], [output]).token_ids[0])
         assert (token == stop[0]) == (generated >= 3)
+
+
+def _packed(allowed_ids: list[int], vocab: int) -> bytes:
+    """A token bitmask as the router packs it (xgrammar's layout: int32 words, bit i of word w is id 32w + i)."""
+    words = [0] * -(-vocab // 32)
+    for t in allowed_ids:
+        words[t // 32] |= 1 << (t % 32)
+    return torch.tensor([w - 2**32 if w >= 2**31 else w for w in words], dtype=torch.int32).numpy().tobytes()
+
+
+def test_token_mask_bounds_greedy_and_sampled_rows_only():
+    vocab = 100
+    logits = torch.randn(3, vocab)
+    allowed = [5, 31, 32, 63, 99]
+    params = [SamplingParams(temperature=0.0, logit_bias=((7, 100.0),)), SamplingParams(temperature=1.5, seed=1),
+              SamplingParams(temperature=0.0)]
+    masks = [_packed(allowed, vocab), _packed(allowed, vocab), None]
+    for step in range(20):
+        out = sample(logits, params, [[]] * 3, [[0] * step] * 3, masks)
+        assert out.token_ids[0].item() in allowed and out.token_ids[1].item() in allowed  # bias cannot revive 7
+        assert out.token_ids[2].item() == logits[2].argmax().item()  # a row without a mask is untouched
+    best = max(allowed, key=lambda t: logits[0, t].item())
+    assert out.token_ids[0].item() == best
+    assert out.logprobs[0].item() == pytest.approx(logits[0].log_softmax(-1)[best].item())  # raw logprobs
+
+
+def test_no_token_masks_build_no_tensor():
+    t = SamplingTensors.build([SamplingParams()], [[]], [[]], 10, "cpu", [None])
+    assert t.allowed is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any, Union
 
@@ -32,12 +33,19 @@ class GenerationParams(TypedDict, total=False):
     skip_special_tokens: bool  # in the text (default true)
     include_stop_str_in_output: bool  # keep the matched stop string in the text (default false)
     cache_salt: str  # share cached prompt blocks only with requests of the same salt (a tenant's)
+    # Structured outputs, at most one: the output matches it.
+    json_schema: Union[str, Mapping[str, Any]]  # a JSON schema (a mapping, or its JSON text)
+    json_object: bool  # any JSON object
+    regex: str
+    choice: Sequence[str]  # exactly one of these strings
+    grammar: str  # a context-free grammar in EBNF (`root` starts it)
 
 
 PARAM_NAMES = tuple(f.name for f in pb.GenerationParameters.DESCRIPTOR.fields)
 _REPEATED = {"stop", "stop_token_ids"}
 _INTS = {"max_new_tokens", "top_k", "seed", "logprobs", "min_tokens", "prompt_logprobs"}
-_BOOLS = {"ignore_eos", "skip_special_tokens", "include_stop_str_in_output"}
+_BOOLS = {"ignore_eos", "skip_special_tokens", "include_stop_str_in_output", "json_object"}
+_STRINGS = {"cache_salt", "regex", "grammar"}
 _FLOATS = {"temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"}
 
 Message = Union[Mapping[str, str], Sequence[str], pb.ChatMessage]
@@ -62,10 +70,16 @@ def build_parameters(**params: Any) -> pb.GenerationParameters:
             if not isinstance(value, Mapping):
                 raise TypeError(f"logit_bias must be a mapping of token id to bias, got {value!r}")
             out.logit_bias.update({_int("logit_bias token id", t): _float(name, b) for t, b in value.items()})
-        elif name == "cache_salt":
+        elif name in _STRINGS:
             if not isinstance(value, str):
-                raise TypeError(f"cache_salt must be a string, got {value!r}")
-            out.cache_salt = value
+                raise TypeError(f"{name} must be a string, got {value!r}")
+            setattr(out, name, value)
+        elif name == "json_schema":
+            out.json_schema = value if isinstance(value, str) else json.dumps(value)
+        elif name == "choice":
+            if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+                raise TypeError(f"choice must be a sequence of strings, got {value!r}")
+            out.choice.choices.extend(str(c) for c in value)
         elif name in _BOOLS:
             setattr(out, name, bool(value))
         elif name in _INTS:
