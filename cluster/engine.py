@@ -43,6 +43,7 @@ class EngineConfig:
     pipeline_parallel_size: int = 1
     device: str = "cpu"  # "cpu" (gloo, one CPU bundle per rank) or "cuda" (nccl, one GPU per rank)
     dtype: str | None = None  # default: the checkpoint's
+    attention_backend: str | None = None  # "triton" or "torch" (shards.attention); None: triton on CUDA, else torch
     block_size: int = 16
     kv_cache_bytes: int = 256 * 2**20  # per rank, on CPU
     gpu_memory_utilization: float = 0.9  # on GPU: the share of device memory weights + KV cache may use
@@ -134,7 +135,8 @@ class Engine:
                 ).remote(rank, tp, pp, c.device, int(c.cpus_per_rank)))
             init_method = await self.actors[0].rendezvous_address.remote(c.rendezvous_host)
             loaded = await asyncio.gather(*(
-                a.load.remote(init_method, c.model_dir, c.dtype, c.block_size, c.step_timeout_s) for a in self.actors
+                a.load.remote(init_method, c.model_dir, c.dtype, c.block_size, c.step_timeout_s, c.attention_backend)
+                for a in self.actors
             ))
             self.num_kv_blocks = min(self._blocks_for(info) for info in loaded)
             if self.num_kv_blocks < 1:

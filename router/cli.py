@@ -45,6 +45,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    parser.add_argument("--attention-backend", choices=["triton", "torch"],
+                        help="paged attention: a fused Triton kernel or torch's SDPA (default: triton on cuda, "
+                             "torch on cpu)")
     parser.add_argument("--kv-cache-memory-gib", type=float, default=0.25, help="KV cache per rank on CPU")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                         help="share of each GPU that weights + KV cache may use")
@@ -66,6 +69,7 @@ def engine_config(args):
         pipeline_parallel_size=args.pipeline_parallel_size,
         device=args.device,
         dtype=args.dtype,
+        attention_backend=args.attention_backend,
         block_size=args.block_size,
         kv_cache_bytes=int(args.kv_cache_memory_gib * 2**30),
         gpu_memory_utilization=args.gpu_memory_utilization,

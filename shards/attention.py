@@ -3,9 +3,14 @@
 The cache of one layer is two tensors [kv_heads, num_blocks, block_size, head_dim]; a sequence's keys live
 in the blocks its block table lists, in order. KV heads outermost: gathering a batch's blocks then gives
 [kv_heads, seqs, context, head_dim] as is, which attention reads without another copy (decode attention on
-2 cores, 64 sequences x 576 tokens: 9.7 -> 8.5 ms a layer against blocks laid out token-major). The torch backend below runs on CPU and GPU through
-`scaled_dot_product_attention`; a fused kernel (FlashAttention, FlashInfer) plugs in by registering a
-function with the same signature in `ATTENTION_BACKENDS`.
+2 cores, 64 sequences x 576 tokens: 9.7 -> 8.5 ms a layer against blocks laid out token-major).
+
+A backend is a function (q, cache, batch, scale, window) -> output, loaded by name from `ATTENTION_BACKENDS`:
+`torch` (below: `scaled_dot_product_attention`, CPU and GPU) and `triton` (`shards/triton_attention.py`: one
+fused kernel reading the blocks in place; CUDA, or CPU under Triton's interpreter), imported only when chosen.
+A fused FlashAttention or FlashInfer kernel fits the same seam: `StepBatch` carries the varlen description
+they take (query_start, seq_lens, block_tables); FlashAttention wants blocks token-major, which would be its
+`allocate_kv_cache`/`write_kv`.
 """
 
 import torch
@@ -56,7 +61,7 @@ def torch_paged_attention(q, cache, batch: StepBatch, scale: float, window: int 
         for first in range(0, p.count, QUERY_BLOCK):
             n = min(QUERY_BLOCK, p.count - first)
             q_pos = torch.arange(p.start + first, p.start + first + n, device=q.device)[:, None]
-            visible = int(q_pos[-1]) + 1  # keys past the block's last query are masked anyway: skip them
+            visible = p.start + first + n  # keys past the block's last query are masked anyway: skip them
             mask = _visible(q_pos, k_pos[:, :visible], window)
             o = F.scaled_dot_product_attention(qs[:, :, first : first + n], k[:, :, :visible], v[:, :, :visible],
                                                attn_mask=mask, scale=scale, enable_gqa=True)
@@ -75,4 +80,28 @@ def torch_paged_attention(q, cache, batch: StepBatch, scale: float, window: int 
     return out
 
 
-ATTENTION_BACKENDS = {"torch": torch_paged_attention}
+def _triton(device: torch.device):
+    try:
+        from shards.triton_attention import INTERPRETED, triton_paged_attention
+    except ModuleNotFoundError as e:
+        if e.name != "triton":
+            raise
+        raise RuntimeError("the triton attention backend needs the triton package (it comes with CUDA builds of "
+                           "torch; pip install triton), or use --attention-backend torch") from None
+    if device.type != "cuda" and not INTERPRETED:
+        raise ValueError("the triton attention backend runs on CUDA (on CPU only under Triton's interpreter, "
+                         "TRITON_INTERPRET=1); use --attention-backend torch")
+    return triton_paged_attention
+
+
+# name -> loader(device) -> backend; a loader imports what its backend needs, so CPU serving never imports triton.
+ATTENTION_BACKENDS = {"torch": lambda device: torch_paged_attention, "triton": _triton}
+
+
+def load_backend(name: str | None, device):
+    """The backend by name (None: triton on CUDA, torch elsewhere) for this device."""
+    device = torch.device(device)
+    name = name or ("triton" if device.type == "cuda" else "torch")
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; known: {', '.join(ATTENTION_BACKENDS)}")
+    return ATTENTION_BACKENDS[name](device)

@@ -58,6 +58,10 @@ class StepBatch:
     decode_rows: torch.Tensor  # [D] token rows of single-token sequences
     decode_context_lens: torch.Tensor  # [D]
     decode_block_tables: torch.Tensor  # [D, max blocks], padded with block 0 (masked by context length)
+    # Every sequence in plan order, prefills and decodes alike (what a fused varlen kernel reads):
+    query_start: torch.Tensor  # [N + 1] int32: sequence i's token rows are [query_start[i], query_start[i + 1])
+    seq_lens: torch.Tensor  # [N] int32: positions after this step (its last token's position + 1)
+    block_tables: torch.Tensor  # [N, max blocks] int32, padded with block 0 (never read past seq_lens)
     sample_rows: torch.Tensor  # [S] token rows whose logits are sampled
     sampling_seqs: list[SeqPlan]
     prompt_scored: list[tuple[SeqPlan, int]]  # sequences asking prompt logprobs, with their first token row
@@ -70,6 +74,7 @@ class StepBatch:
     def build(cls, seqs: list[SeqPlan], block_size: int, device) -> "StepBatch":
         ids, positions, variants, slots = [], [], [], []
         prefills, decode_rows, decode_lens, decode_tables, sample_rows, scored = [], [], [], [], [], []
+        query_start, seq_lens, tables = [], [], []
         for seq in seqs:
             first, count = len(ids), len(seq.token_ids)
             end = seq.start + count
@@ -78,6 +83,9 @@ class StepBatch:
                     f"sequence {seq.seq_id}: {end} positions need {-(-end // block_size)} blocks of "
                     f"{block_size}, block table has {len(seq.block_table)}"
                 )
+            query_start.append(first)
+            seq_lens.append(end)
+            tables.append(seq.block_table[: -(-end // block_size)])
             ids += seq.token_ids
             positions += range(seq.start, end)
             variants += [seq.rope_variant] * count
@@ -87,17 +95,18 @@ class StepBatch:
                 decode_lens.append(end)
                 decode_tables.append(seq.block_table)
             else:
-                table = torch.tensor(seq.block_table[: -(-end // block_size)], dtype=torch.long, device=device)
-                prefills.append(Prefill(first, count, seq.start, table))
+                prefills.append(Prefill(first, count, seq.start, torch.tensor(tables[-1], device=device)))
             if seq.sampling is not None:
                 sample_rows.append(first + count - 1)
             if seq.prompt_logprobs is not None:
                 scored.append((seq, first))
         width = max((len(t) for t in decode_tables), default=0)
         decode_tables = [t + [0] * (width - len(t)) for t in decode_tables]
+        all_width = max((len(t) for t in tables), default=0)
+        tables = [t + [0] * (all_width - len(t)) for t in tables]
 
-        def tensor(values):
-            return torch.tensor(values, dtype=torch.long, device=device)
+        def tensor(values, dtype=torch.long):
+            return torch.tensor(values, dtype=dtype, device=device)
 
         return cls(
             input_ids=tensor(ids),
@@ -108,6 +117,9 @@ class StepBatch:
             decode_rows=tensor(decode_rows),
             decode_context_lens=tensor(decode_lens),
             decode_block_tables=tensor(decode_tables).view(len(decode_tables), width),
+            query_start=tensor(query_start + [len(ids)], torch.int32),
+            seq_lens=tensor(seq_lens, torch.int32),
+            block_tables=tensor(tables, torch.int32).view(len(tables), all_width),
             sample_rows=tensor(sample_rows),
             sampling_seqs=[s for s in seqs if s.sampling is not None],
             prompt_scored=scored,

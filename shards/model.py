@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shards.attention import ATTENTION_BACKENDS, write_kv
+from shards.attention import load_backend, write_kv
 from shards.batch import StepBatch
 from shards.config import Qwen2Config
 from shards.layers import (
@@ -48,7 +48,7 @@ class Attention(nn.Module):
         self.heads, self.kv_heads = heads // tp, len(local_kv)
         self.head_dim, self.window = config.head_dim, window
         self.scale = config.head_dim**-0.5
-        self.attend = ATTENTION_BACKENDS[backend]
+        self.attend = load_backend(backend, torch.get_default_device())  # built under `with device`
         self.qkv_proj = qkv_parallel(config.hidden_size, heads, local_kv, kv_heads, config.head_dim, groups, dt)
         self.o_proj = RowParallelLinear(config.num_attention_heads * config.head_dim, config.hidden_size, groups, dt)
 

@@ -28,7 +28,7 @@ class ShardWorker:
         block_size: int = 16,
         device="cpu",
         dtype: str | None = None,
-        attention_backend: str = "torch",
+        attention_backend: str | None = None,  # None: triton on CUDA, torch elsewhere
         progress=None,
     ):
         config = Qwen2Config.from_pretrained(model_dir)

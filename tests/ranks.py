@@ -18,9 +18,14 @@ def block_tables(num_seqs: int, blocks_each: int) -> list[list[int]]:
 
 
 def teacher_forced_logits(rank, world, model_dir, tp, pp, prompts, continuations, variants):
-    """Prefill (one prompt split into two chunks, the second beside decodes), then decode the given
-    continuation tokens one step at a time. Returns, on the driver, every sampled row's logits per sequence."""
     worker = ShardWorker(model_dir, init_groups(tp, pp), num_kv_blocks=64, block_size=BLOCK_SIZE)
+    return teacher_forced(worker, prompts, continuations, variants)
+
+
+def teacher_forced(worker, prompts, continuations, variants):
+    """Prefill (one prompt split into two chunks, the second beside decodes), then decode the given
+    continuation tokens one step at a time. Returns, on the driver, every sampled row's logits per sequence.
+    The worker's cache has 64 blocks of BLOCK_SIZE."""
     tables = block_tables(len(prompts), 16)
     greedy = SamplingParams(temperature=0.0)
     logits = [[] for _ in prompts]
