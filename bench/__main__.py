@@ -21,7 +21,7 @@ from bench.long_context import interference, yarn_config
 from bench.workloads import offline, online, request_mix
 from shards.checkpoint import preset_config, write_random_checkpoint
 
-WORKLOADS = ("floors", "baseline", "offline", "online", "overhead", "prefix", "long")
+WORKLOADS = ("floors", "baseline", "offline", "online", "overhead", "prefix", "structured", "long")
 # --quick: the same harness at sizes that run in a minute (for development and the smoke test).
 QUICK = dict(requests=8, prompt_tokens=(16, 64), new_tokens=(4, 16), baseline_batch_sizes=[4, 8],
              probe_batches=[1, 8], probe_steps=6, prefill_tokens=64, long_prompt_tokens=512, long_streams=4,
@@ -168,6 +168,25 @@ def prefix_workloads(args, model_dir, threads: int, errors: list) -> dict:
     return out
 
 
+def structured_workloads(args, model_dir, threads: int, errors: list) -> dict:
+    """The offline mix with 0%, 25% and 100% of its requests constrained by a JSON schema, and the mean time a
+    step spent filling token masks (the engine loop's `mask` phase, per step that had any)."""
+    out = {"tp": args.tp[0]}
+    mix = request_mix(args.requests, args.prompt_tokens, args.new_tokens, args.seed)
+    extra = args.serve_args + " --no-enable-prefix-caching"  # the three runs share their prompts
+    with server(model_dir, args.tp[0], threads, args.kv_cache_memory_gib, extra) as (target, metrics):
+        asyncio.run(offline(target, request_mix(2, (64, 64), (4, 4), seed=-1), 1.0))  # grammar set-up off the clock
+        for share in (0.0, 0.25, 1.0):
+            before = steps.scrape(metrics)
+            run = attempt(errors, f"structured {share:.0%}", lambda: asyncio.run(offline(target, mix, share)))
+            d = steps.scrape(metrics) - before
+            masked = d["qwen2_step_phase_seconds_count{phase=mask}"]
+            out[f"{share:.2f}"] = run and run | {
+                "steps": d["qwen2_batch_size_count"], "masked_steps": masked,
+                "mask_ms_per_step": 1e3 * d["qwen2_step_phase_seconds_sum{phase=mask}"] / masked if masked else 0.0}
+    return out
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -190,6 +209,9 @@ def main(argv=None) -> dict:
                 args, model_dir, cost, limits, tp, threads, errors)) or {}
     if "prefix" in args.workloads:
         results["prefix"] = attempt(errors, "prefix", lambda: prefix_workloads(args, model_dir, threads, errors))
+    if "structured" in args.workloads:
+        results["structured"] = attempt(errors, "structured", lambda: structured_workloads(
+            args, model_dir, threads, errors))
     if "long" in args.workloads:
         long_dir = write_random_checkpoint(os.path.join(workdir.name, "yarn"),
                                            yarn_config(args.preset, args.long_prompt_tokens))

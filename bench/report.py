@@ -51,6 +51,11 @@ def targets(r: dict) -> list[tuple[str, float, str, bool]]:
         ratio = runs["on"]["offline"]["tokens_per_s"] / runs["off"]["offline"]["tokens_per_s"]
         rows.append(("prefix: offline throughput (nothing shared) with / without prefix caching", ratio, ">= 0.97x",
                      ratio >= 0.97))
+    runs = r.get("structured", {})
+    if runs.get("0.00") and runs.get("1.00"):
+        slowdown = 1 - runs["1.00"]["tokens_per_s"] / runs["0.00"]["tokens_per_s"]
+        rows.append(("structured: offline throughput loss, 100% JSON-schema constrained vs none", slowdown,
+                     "< 10%", slowdown < 0.10))
     if "long" in r:
         ratio = r["long"]["ratio"]
         rows.append(("long: short streams' ITL p99 during / without the long prefill", ratio, "<= 2x", ratio <= 2))
@@ -118,6 +123,13 @@ def figures(r: dict) -> list[tuple[str, str]]:
                          f"{w['hit_ratio']:.0%}"
             rows.append((f"prefix caching {mode}, TP={prefix_runs['tp']}: {what}: throughput"
                          + ("; TTFT p50 / p99; hits" if "ttft" in w else ""), value))
+    runs = r.get("structured", {})
+    for share in ("0.00", "0.25", "1.00"):
+        if runs.get(share):
+            w = runs[share]
+            rows.append((f"structured outputs, TP={runs['tp']}: offline mix, {float(share):.0%} constrained: "
+                         f"throughput; mask time per masked step", f"{w['tokens_per_s']:,.1f} tok/s; "
+                                                                   f"{w['mask_ms_per_step']:.2f} ms"))
     if "long" in r:
         lg = r["long"]
         rows.append((f"long: {lg['long_prompt_tokens']:,}-token prompt ({lg['long_rope_variant']}), {lg['streams']} "

@@ -29,26 +29,36 @@ def request_mix(n: int, prompt_tokens: tuple[int, int], new_tokens: tuple[int, i
             for _ in range(n)]
 
 
+# The structured workload's constraint: free-form strings, so random weights rarely finish it early and a
+# constrained request generates about its max_new_tokens, as an unconstrained one does.
+SCHEMA = {"type": "object", "properties": {"items": {"type": "array", "items": {
+    "type": "object", "properties": {"name": {"type": "string"}, "count": {"type": "integer"}},
+    "required": ["name", "count"]}}}, "required": ["items"]}
+
+
 def params(r: Request) -> dict:
     return {"token_ids": r.prompt, "max_new_tokens": r.max_new_tokens, "temperature": 0.0, "ignore_eos": True}
+
+
+async def offline(target: str, requests: list[Request], constrained: float = 0.0) -> dict:
+    """All requests submitted at once; generated tokens per second from first submit to last token. The first
+    `constrained` share of them (every 1/share-th) must match SCHEMA."""
+    every = round(1 / constrained) if constrained else 0
+    async with AsyncClient(target) as client:
+        began = time.perf_counter()
+        results = await asyncio.gather(*(client.generate(**params(r), **(
+            {"json_schema": SCHEMA} if every and i % every == 0 else {})) for i, r in enumerate(requests)))
+        wall = time.perf_counter() - began
+    generated = sum(len(res.token_ids) for res in results)
+    return {"requests": len(requests), "prompt_tokens": sum(len(r.prompt) for r in requests),
+            "requested_tokens": sum(r.max_new_tokens for r in requests), "generated_tokens": generated,
+            "wall_s": wall, "tokens_per_s": generated / wall, "constrained": constrained}
 
 
 def percentiles(values: list[float]) -> dict:
     """p50 and p99 in milliseconds."""
     p50, p99 = np.percentile(values, [50, 99]) if values else (float("nan"), float("nan"))
     return {"p50_ms": p50 * 1e3, "p99_ms": p99 * 1e3}
-
-
-async def offline(target: str, requests: list[Request]) -> dict:
-    """All requests submitted at once; generated tokens per second from first submit to last token."""
-    async with AsyncClient(target) as client:
-        began = time.perf_counter()
-        results = await asyncio.gather(*(client.generate(**params(r)) for r in requests))
-        wall = time.perf_counter() - began
-    generated = sum(len(res.token_ids) for res in results)
-    return {"requests": len(requests), "prompt_tokens": sum(len(r.prompt) for r in requests),
-            "requested_tokens": sum(r.max_new_tokens for r in requests), "generated_tokens": generated,
-            "wall_s": wall, "tokens_per_s": generated / wall}
 
 
 async def online(target: str, requests: list[Request], rate: float, seed: int = 0) -> dict:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import hmac
+import json
 import logging
 import socket
 import ssl
@@ -31,13 +32,16 @@ from starlette.exceptions import HTTPException
 from router.openai_protocol import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
     ChatLogprobs, ChatMessage, CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Delta,
-    DetokenizeRequest, DetokenizeResponse, ErrorInfo, ErrorResponse, ModelCard, ModelList, PromptTokensDetails, Sampling,
-    TokenizeChatRequest, TokenizeCompletionRequest, TokenizeResponse, TokenLogprob, TopLogprob, Usage,
+    DetokenizeRequest, DetokenizeResponse, ErrorInfo, ErrorResponse, FunctionCall, ModelCard, ModelList,
+    PromptTokensDetails, Sampling, TokenizeChatRequest, TokenizeCompletionRequest, TokenizeResponse, TokenLogprob,
+    ToolCallDelta, ToolCallOut, TopLogprob, Usage,
 )
 from router.runner import EngineUnavailable, Event, Request
 from router.scheduler import QueueFullError
 from router.service import Admission, InternalError, ServingCore
-from router.validation import RequestError, ValidRequest, validate_parameters, validate_token_ids
+from router import tool_calls
+from router.validation import (RequestError, ValidRequest, ValidTools, validate_parameters, validate_token_ids,
+                               validate_tools)
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +81,26 @@ def _refusal(e: RequestError | QueueFullError | EngineUnavailable) -> ApiError:
 
 def _invalid(field: str, message: str) -> RequestError:
     return RequestError([(field, message)])
+
+
+def _template_call(call: dict, where: str) -> dict:
+    """An assistant turn's call (OpenAI's shape) as chat templates read it: arguments as an object."""
+    fn = call.get("function")
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise _invalid(where, f"`{where}` must be {{'id': ..., 'type': 'function', 'function': {{'name': ..., "
+                              f"'arguments': ...}}}}")
+    arguments = fn.get("arguments", {})
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            raise _invalid(f"{where}.function.arguments", f"`{where}.function.arguments` must be a JSON object "
+                                                          f"(as text), got {arguments[:100]!r}") from None
+    return {"id": call.get("id"), "type": "function", "function": {"name": fn["name"], "arguments": arguments}}
+
+
+def _call_out(call: tool_calls.ToolCall) -> ToolCallOut:
+    return ToolCallOut(id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments))
 
 
 @dataclass(eq=False)
@@ -190,12 +214,9 @@ class OpenAIApi:
         return ids, texts
 
     def _render(self, messages: list[ChatMessage], add_generation_prompt: bool, continue_final_message: bool,
-                template_kwargs: dict | None, fields_set: set[str]) -> str:
+                template_kwargs: dict | None, fields_set: set[str], tools: list[dict] | None = None) -> str:
         chat = []
         for i, m in enumerate(messages):
-            if m.tool_calls:
-                raise _invalid(f"messages[{i}].tool_calls", f"`messages[{i}].tool_calls`: tool calling is not "
-                               "supported yet")
             content = m.content
             if isinstance(content, list):
                 for j, part in enumerate(content):
@@ -204,8 +225,13 @@ class OpenAIApi:
                                        f"'text' with a `text` (images, audio and files are not supported), got "
                                        f"{part.type!r}")
                 content = "\n".join(part.text for part in content)
-            chat.append({k: v for k, v in (("role", m.role), ("content", content), ("name", m.name),
-                                           ("tool_call_id", m.tool_call_id)) if v is not None})
+            message = {k: v for k, v in (("role", m.role), ("content", content), ("name", m.name),
+                                         ("tool_call_id", m.tool_call_id)) if v is not None}
+            if m.tool_calls:
+                message["tool_calls"] = [_template_call(call, f"messages[{i}].tool_calls[{j}]")
+                                         for j, call in enumerate(m.tool_calls)]
+                message.setdefault("content", "")  # templates test the content of a turn that only calls
+            chat.append(message)
         own = TEMPLATE_OWN & set(template_kwargs or ())
         if own:
             raise _invalid("chat_template_kwargs", f"`chat_template_kwargs` must not set {sorted(own)}: the request "
@@ -213,7 +239,7 @@ class OpenAIApi:
         if continue_final_message and "add_generation_prompt" not in fields_set:
             add_generation_prompt = False  # continuing a message is not starting the next one
         return self.core.render_chat(chat, "messages", add_generation_prompt, continue_final_message,
-                                     template_kwargs)
+                                     template_kwargs, tools=tools)
 
     # -- admission and events ---------------------------------------------------------------------------
     async def _admit(self, read: Callable) -> list[Request]:
@@ -412,16 +438,21 @@ class OpenAIApi:
         names = {"max_new_tokens": max_field, "logprobs": "top_logprobs"}
         prompts: list[list[int]] = []
 
+        tools = ValidTools()
+
         async def read() -> list[Admission]:
-            nonlocal prompts
-            self._refuse_tools(body)
+            nonlocal prompts, tools
+            self._refuse_functions(body)
             if body.top_logprobs is not None and not body.logprobs:
                 raise _invalid("top_logprobs", "`top_logprobs` needs `logprobs`: true")
+            tools = validate_tools(body.tools, body.tool_choice, self.core.limits)
             rendered = self._render(body.messages, body.add_generation_prompt, body.continue_final_message,
-                                    body.chat_template_kwargs, body.model_fields_set)
+                                    body.chat_template_kwargs, body.model_fields_set, tools.template_tools)
             prompts = [await self.core.encode(rendered)]
             given = self._given(body, getattr(body, max_field), (body.top_logprobs or 0) if body.logprobs else None,
                                 names)
+            if tools.constraint is not None:
+                given["tool_call"], names["tool_call"] = tools.constraint, "tool_choice"
             return self._choices(body, prompts, given, names)
 
         choices = [Choice(i, r, prompts[0]) for i, r in enumerate(await self._admit(read))]
@@ -429,9 +460,14 @@ class OpenAIApi:
         if not body.stream:
             if not await self._until_disconnect(http, self._drain(choices)):
                 return Response(status_code=CLIENT_GONE)
-            out = [ChatChoice(index=c.index, message=AssistantMessage(content="".join(c.text)),
-                              logprobs=self._chat_logprobs(c.logprobs) if body.logprobs else None,
-                              finish_reason=c.finish_reason) for c in choices]
+            out = []
+            for c in choices:
+                content, calls = tool_calls.parse("".join(c.text)) if tools.parse else ("".join(c.text), [])
+                out.append(ChatChoice(
+                    index=c.index, logprobs=self._chat_logprobs(c.logprobs) if body.logprobs else None,
+                    message=AssistantMessage(content=content or (None if calls else ""),
+                                             tool_calls=[_call_out(call) for call in calls]),
+                    finish_reason="tool_calls" if calls and c.finish_reason == "stop" else c.finish_reason))
             return ChatCompletionResponse(id=rid, created=created, model=self.model_name,
                                           system_fingerprint=self.fingerprint, choices=out,
                                           usage=self._usage(choices, prompts))
@@ -441,13 +477,26 @@ class OpenAIApi:
                                        choices=choices_, usage=usage).model_dump_json()
 
         async def stream():
+            parsers = {c.index: tool_calls.ToolCallStream() for c in choices} if tools.parse else {}
             for c in choices:  # the first chunk of each choice carries the role
                 yield chunk([ChatChunkChoice(index=c.index, delta=Delta(role="assistant", content=""))])
             async for c, event in self._events(choices):
                 lp = self._chat_logprobs(event.logprobs) if body.logprobs else None
                 finish = c.finish_reason if event.finish_reason is not None else None
-                if event.text or finish or lp is not None and lp.content:
-                    yield chunk([ChatChunkChoice(index=c.index, delta=Delta(content=event.text or None), logprobs=lp,
+                text, calls, parser = event.text, [], parsers.get(c.index)
+                if parser is not None:  # tool-call tags never reach the content; each call: name, then arguments
+                    text, calls = parser.feed(text)
+                    text += parser.finish() if finish else ""
+                    if finish == "stop" and parser.calls:
+                        finish = "tool_calls"
+                    first = len(parser.calls) - len(calls)
+                    for k, call in enumerate(calls, first):
+                        yield chunk([ChatChunkChoice(index=c.index, delta=Delta(tool_calls=[ToolCallDelta(
+                            index=k, id=call.id, type="function", function=FunctionCall(name=call.name, arguments=""))]))])
+                        yield chunk([ChatChunkChoice(index=c.index, delta=Delta(tool_calls=[ToolCallDelta(
+                            index=k, function=FunctionCall(arguments=call.arguments))]))])
+                if text or finish or lp is not None and lp.content:
+                    yield chunk([ChatChunkChoice(index=c.index, delta=Delta(content=text or None), logprobs=lp,
                                                  finish_reason=finish)])
             if body.stream_options and body.stream_options.include_usage:
                 yield chunk([], self._usage(choices, prompts))
@@ -455,26 +504,20 @@ class OpenAIApi:
         return self._sse(stream())
 
     @staticmethod
-    def _refuse_tools(body: ChatCompletionRequest) -> None:
-        """Tool calling and structured outputs land later: asking for them is an error, never ignored."""
-        later = "is not supported yet (tool calling and structured outputs come in a later release)"
-        for name in ("tools", "functions"):
-            if getattr(body, name):
-                raise _invalid(name, f"`{name}` {later}")
-        for name in ("tool_choice", "function_call"):
-            value = getattr(body, name)
-            if value is not None and value != "none":
-                raise _invalid(name, f"`{name}` {later}; got {value!r}")
-        if body.parallel_tool_calls:
-            raise _invalid("parallel_tool_calls", f"`parallel_tool_calls` {later}")
+    def _refuse_functions(body: ChatCompletionRequest) -> None:
+        """The legacy spelling of tools: an error, never ignored."""
+        for name in ("functions", "function_call"):
+            if getattr(body, name) is not None:
+                raise _invalid(name, f"`{name}` is not supported: use `tools` and `tool_choice`")
 
     # -- tokenizer and metadata -------------------------------------------------------------------------
     async def tokenize(self, body: TokenizeCompletionRequest | TokenizeChatRequest) -> TokenizeResponse:
         self._check_model(body.model)
         try:
             if isinstance(body, TokenizeChatRequest):
+                tools = validate_tools(body.tools, None, self.core.limits).template_tools
                 text = self._render(body.messages, body.add_generation_prompt, body.continue_final_message,
-                                    body.chat_template_kwargs, body.model_fields_set)
+                                    body.chat_template_kwargs, body.model_fields_set, tools)
             else:
                 text = body.prompt
                 self.core.check_size("prompt", len(text))

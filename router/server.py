@@ -7,6 +7,7 @@ when it fails or drains.
 
 import asyncio
 import hmac
+import json
 import logging
 import time
 import uuid
@@ -27,13 +28,14 @@ from router.openai_server import HttpServer
 from router.runner import EngineUnavailable, Event, Request
 from router.scheduler import QueueFullError
 from router.service import Admission, InternalError, ServingCore
-from router.validation import RequestError, validate_parameters, validate_token_ids
+from router import tool_calls
+from router.validation import RequestError, ValidTools, validate_parameters, validate_token_ids, validate_tools
 from shards.rope import SCALED
 
 log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 FINISH = {"length": pb.FINISH_REASON_LENGTH, "stop": pb.FINISH_REASON_STOP, "eos": pb.FINISH_REASON_EOS,
-          "cancelled": pb.FINISH_REASON_CANCELLED}
+          "cancelled": pb.FINISH_REASON_CANCELLED}  # and FINISH_REASON_TOOL_CALLS when parsed calls ended it
 
 
 @dataclass
@@ -171,7 +173,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         self.core, self.runner, self.model_name = core, core.runner, model_name
 
     # -- admission --------------------------------------------------------------------------------
-    async def _prompt(self, request) -> list[int]:
+    async def _prompt(self, request, tools: ValidTools = ValidTools()) -> list[int]:
         which = request.WhichOneof("input")
         if which is None:
             raise RequestError([("input", "one of `text`, `chat` or `token_ids` must be set")])
@@ -182,23 +184,59 @@ class GenerationService(pb_grpc.GenerationServicer):
                 raise RequestError([("text", "`text` must not be empty")])
             self.core.check_size("text", len(request.text))
             return await self.core.encode(request.text)
-        return await self.core.encode(self._render_chat(request.chat))
+        return await self.core.encode(self._render_chat(request.chat, tools))
 
-    def _render_chat(self, chat) -> str:
+    def _tools(self, chat) -> ValidTools:
+        """The chat input's tools in OpenAI's shape, checked as the HTTP API checks them."""
+        tools = []
+        for i, t in enumerate(chat.tools):
+            try:
+                parameters = json.loads(t.parameters) if t.parameters else None
+            except json.JSONDecodeError as e:
+                raise RequestError([(f"chat.tools[{i}].parameters", f"`chat.tools[{i}].parameters` is not valid JSON: "
+                                                                    f"{e}")]) from None
+            function = {"name": t.name, "description": t.description} if t.description else {"name": t.name}
+            tools.append({"type": "function", "function": function | ({"parameters": parameters}
+                                                                      if parameters is not None else {})})
+        which = chat.WhichOneof("tool_choice")
+        choice = (None if which is None else chat.tool_choice_mode if which == "tool_choice_mode"
+                  else {"type": "function", "function": {"name": chat.tool_choice_function}})
+        return validate_tools(tools, choice, self.core.limits, {"tools": "chat.tools", "tool_choice": f"chat.{which}"})
+
+    def _render_chat(self, chat, tools: ValidTools | None = None) -> str:
         add = chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
-        return self.core.render_chat([{"role": m.role, "content": m.content} for m in chat.messages],
-                                     add_generation_prompt=add, chat_field="chat")
+        messages = []
+        for m in chat.messages:
+            message = {"role": m.role, "content": m.content}
+            if m.tool_call_id:
+                message["tool_call_id"] = m.tool_call_id
+            if m.tool_calls:
+                message["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                    "name": c.name, "arguments": _arguments(c.arguments)}} for c in m.tool_calls]
+            messages.append(message)
+        tools = tools or self._tools(chat)
+        return self.core.render_chat(messages, add_generation_prompt=add, chat_field="chat",
+                                     tools=tools.template_tools)
 
-    async def _admit(self, request, context) -> Request:
+    async def _admit(self, request, context) -> tuple[Request, ValidTools]:
+        tools = ValidTools()
+
         async def read() -> Admission:
-            prompt = await self._prompt(request)
+            nonlocal tools
+            if request.WhichOneof("input") == "chat":
+                tools = self._tools(request.chat)
+            prompt = await self._prompt(request, tools)
             given = {f.name: v for f, v in request.parameters.ListFields()}
             if "choice" in given:
                 given["choice"] = list(given["choice"].choices)
-            return Admission(prompt, validate_parameters(given, len(prompt), self.core.defaults, self.core.limits))
+            names = {}
+            if tools.constraint is not None:
+                given["tool_call"], names["tool_call"] = tools.constraint, "chat.tool_choice"
+            return Admission(prompt, validate_parameters(given, len(prompt), self.core.defaults, self.core.limits,
+                                                         names=names))
 
         try:
-            return await self.core.admit(read)
+            return await self.core.admit(read), tools
         except RequestError as e:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e), e.violations)
         except QueueFullError as e:
@@ -216,10 +254,11 @@ class GenerationService(pb_grpc.GenerationServicer):
                 await _abort(context, grpc.StatusCode.UNAVAILABLE, str(event.error))
             yield event
 
-    def _final(self, request: Request, event: Event, began: float) -> pb.FinalInfo:
+    def _final(self, request: Request, event: Event, began: float, called: bool = False) -> pb.FinalInfo:
         seq = request.seq
         return pb.FinalInfo(
-            finish_reason=FINISH[event.finish_reason],
+            finish_reason=pb.FINISH_REASON_TOOL_CALLS if called and event.finish_reason in ("stop", "eos")
+            else FINISH[event.finish_reason],
             usage=pb.Usage(prompt_tokens=len(seq.prompt_token_ids), generated_tokens=len(seq.output_token_ids),
                            cached_tokens=seq.num_cached_tokens),
             timings=pb.Timings(queue_seconds=request.queue_seconds, time_to_first_token_seconds=request.ttft_seconds,
@@ -239,30 +278,36 @@ class GenerationService(pb_grpc.GenerationServicer):
     @stream_errors
     async def GenerateStream(self, request, context):
         began = time.monotonic()
-        admitted = await self._admit(request, context)
+        admitted, tools = await self._admit(request, context)
         request_id = request.request_id or uuid.uuid4().hex
+        parser = tool_calls.ToolCallStream() if tools.parse else None
         async for event in self._events(admitted, context):
-            out = pb.GenerateStreamResponse(request_id=request_id, text=event.text, token_ids=event.token_ids,
+            text, calls = event.text, []
+            if parser is not None:  # tool-call tags never reach the text; a call comes once it is complete
+                text, calls = parser.feed(text)
+                text += parser.finish() if event.finish_reason is not None else ""
+            out = pb.GenerateStreamResponse(request_id=request_id, text=text, token_ids=event.token_ids,
                                             logprobs=self._logprobs(event.logprobs),
-                                            prompt_logprobs=self._logprobs(event.prompt_logprobs or []))
+                                            prompt_logprobs=self._logprobs(event.prompt_logprobs or []),
+                                            tool_calls=[_call(c) for c in calls])
             if event.finish_reason is not None:
-                out.final.CopyFrom(self._final(admitted, event, began))
+                out.final.CopyFrom(self._final(admitted, event, began, bool(parser and parser.calls)))
             yield out
 
     @unary_errors
     async def Generate(self, request, context):
         began = time.monotonic()
-        admitted = await self._admit(request, context)
+        admitted, tools = await self._admit(request, context)
         out = pb.GenerateResponse(request_id=request.request_id or uuid.uuid4().hex)
-        text = []
-        async for event in self._events(admitted, context):
-            text.append(event.text)
-            out.token_ids.extend(event.token_ids)
-            out.logprobs.extend(self._logprobs(event.logprobs))
-            out.prompt_logprobs.extend(self._logprobs(event.prompt_logprobs or []))
-            if event.finish_reason is not None:
-                out.final.CopyFrom(self._final(admitted, event, began))
-        out.text = "".join(text)
+        text, last = [], None
+        async for last in self._events(admitted, context):
+            text.append(last.text)
+            out.token_ids.extend(last.token_ids)
+            out.logprobs.extend(self._logprobs(last.logprobs))
+            out.prompt_logprobs.extend(self._logprobs(last.prompt_logprobs or []))
+        out.text, calls = tool_calls.parse("".join(text)) if tools.parse else ("".join(text), [])
+        out.tool_calls.extend(_call(c) for c in calls)
+        out.final.CopyFrom(self._final(admitted, last, began, bool(calls)))
         return out
 
     @unary_errors
@@ -293,6 +338,22 @@ class GenerationService(pb_grpc.GenerationServicer):
             device=c.device, max_new_tokens_limit=self.core.limits.max_new_tokens, num_kv_blocks=engine.num_kv_blocks,
             block_size=engine.block_size, version=_version(),
         )
+
+
+def _arguments(text: str) -> dict:
+    """A history call's arguments as chat templates read them (an object)."""
+    try:
+        arguments = json.loads(text or "{}")
+    except json.JSONDecodeError:
+        arguments = None
+    if not isinstance(arguments, dict):
+        raise RequestError([("chat.messages.tool_calls.arguments", f"a tool call's `arguments` must be a JSON object, "
+                                                                   f"got {text[:100]!r}")])
+    return arguments
+
+
+def _call(call: tool_calls.ToolCall) -> pb.ToolCall:
+    return pb.ToolCall(id=call.id, name=call.name, arguments=call.arguments)
 
 
 def _version() -> str:

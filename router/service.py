@@ -10,6 +10,7 @@ QueueFullError (RESOURCE_EXHAUSTED / 429), EngineUnavailable (UNAVAILABLE / 503)
 
 import asyncio
 import dataclasses
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
@@ -71,11 +72,12 @@ class ServingCore:
 
     def render_chat(self, messages: list[dict], field: str = "chat.messages", add_generation_prompt: bool = True,
                     continue_final_message: bool = False, template_kwargs: dict | None = None,
-                    chat_field: str | None = None) -> str:
+                    chat_field: str | None = None, tools: list[dict] | None = None) -> str:
         """The rendered chat, within max_input_chars both before rendering and after. `messages` are the
-        template's dicts (role, content, ...); `field` is where they sit in the API's request, `chat_field`
-        what the size and template errors name (default: `field`); `template_kwargs` are extra template
-        variables (not the ones the call itself sets)."""
+        template's dicts (role, content, tool_calls, ...); `field` is where they sit in the API's request,
+        `chat_field` what the size and template errors name (default: `field`); `template_kwargs` are extra
+        template variables (not the ones the call itself sets); `tools` (OpenAI's shape) go to the template,
+        which renders them as the model was trained to read them."""
         if not messages:
             raise RequestError([(field, f"`{field}` must not be empty")])
         for i, m in enumerate(messages):
@@ -84,12 +86,13 @@ class ServingCore:
         # A message counts CHAT_MESSAGE_CHARS beyond its text: rendering one costs about as much as tokenizing
         # that many characters, and a template may drop it (Qwen2's renders an unknown role as nothing).
         chat_field = chat_field or field
-        size = sum(len(m["role"]) + len(str(m.get("content") or "")) + CHAT_MESSAGE_CHARS for m in messages)
+        size = sum(len(m["role"]) + len(str(m.get("content") or "")) + len(json.dumps(m.get("tool_calls") or ""))
+                   + CHAT_MESSAGE_CHARS for m in messages) + len(json.dumps(tools or ""))
         self.check_size(chat_field, size)
         try:
             rendered = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
                                                           continue_final_message=continue_final_message,
-                                                          **(template_kwargs or {}))
+                                                          tools=tools, **(template_kwargs or {}))
         except ChatTemplateError as e:
             raise RequestError([(chat_field, str(e))]) from None
         self.check_size(chat_field, len(rendered))

@@ -6,6 +6,7 @@ request's violations are reported together, as `google.rpc.BadRequest` field vio
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,7 +67,9 @@ class Defaults:
         )
 
 
-CONSTRAINTS = ("json_schema", "json_object", "regex", "choice", "grammar")  # at most one a request
+# At most one a request; tool_call comes from validate_tools (tool_choice required or named), already checked.
+CONSTRAINTS = ("json_schema", "json_object", "regex", "choice", "grammar", "tool_call")
+MAX_TOOLS = 128
 
 
 @dataclass(frozen=True)
@@ -218,6 +221,8 @@ def _constraint(given: Mapping, limits: Limits, prefix: str, wire, bad: list) ->
         value = json.dumps(value, ensure_ascii=False)
     elif kind == "json_schema" and not isinstance(value, str):
         value = json.dumps(value)
+    if kind == "tool_call":
+        return Constraint(kind, value, prefix + name)
     if len(value) > limits.max_constraint_chars:
         bad.append((prefix + name, f"`{name}` must be at most {limits.max_constraint_chars} characters, got "
                                    f"{len(value)}"))
@@ -231,6 +236,72 @@ def _constraint(given: Mapping, limits: Limits, prefix: str, wire, bad: list) ->
             bad.append((prefix + name, f"`{name}` {problem}"))
             return None
     return Constraint(kind, value, prefix + name)
+
+
+@dataclass(frozen=True)
+class ValidTools:
+    """A chat request's tools: what the template renders (None: no tools), whether the output is parsed for
+    calls, and (tool_choice required or named) the tool_call constraint's source for validate_parameters."""
+
+    template_tools: list[dict] | None = None
+    parse: bool = False
+    constraint: str | None = None
+
+
+def validate_tools(tools: list | None, tool_choice, limits: Limits, names: Mapping[str, str] = {}) -> ValidTools:
+    """OpenAI's `tools` ({"type": "function", "function": {"name", "description", "parameters"}}) and
+    `tool_choice` ("none", "auto", "required", or {"type": "function", "function": {"name"}}); `names` maps
+    "tools" and "tool_choice" to the API's field names."""
+    tools_field, choice_field = names.get("tools", "tools"), names.get("tool_choice", "tool_choice")
+    tools = tools or []
+    bad: list[tuple[str, str]] = []
+    if len(tools) > MAX_TOOLS:
+        raise RequestError([(tools_field, f"`{tools_field}` may hold at most {MAX_TOOLS} tools, got {len(tools)}")])
+    functions = {}
+    for i, tool in enumerate(tools):
+        where = f"{tools_field}[{i}]"
+        fn = tool.get("function") if isinstance(tool, Mapping) else None
+        if not isinstance(tool, Mapping) or tool.get("type", "function") != "function" or not isinstance(fn, Mapping):
+            bad.append((where, f"`{where}` must be {{'type': 'function', 'function': {{'name': ..., 'parameters': "
+                               f"{{...}}}}}}"))
+            continue
+        name = fn.get("name")
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", name):
+            bad.append((f"{where}.function.name", f"`{where}.function.name` must be 1 to 64 letters, digits, _, . or "
+                                                  f"-, got {name!r}"))
+            continue
+        if name in functions:
+            bad.append((f"{where}.function.name", f"`{where}.function.name` {name!r} is given twice"))
+        parameters = fn.get("parameters")
+        if parameters is not None:
+            problem = schema_problem(json.dumps(parameters))
+            if problem:
+                bad.append((f"{where}.function.parameters", f"`{where}.function.parameters` {problem}"))
+        functions[name] = parameters
+    if bad:
+        raise RequestError(bad)
+    if tool_choice is None or tool_choice == "auto":
+        return ValidTools(tools or None, bool(tools))
+    if tool_choice == "none":
+        return ValidTools()
+    if tool_choice == "required":
+        chosen = list(functions)
+    elif (isinstance(tool_choice, Mapping) and tool_choice.get("type") == "function"
+          and isinstance(tool_choice.get("function"), Mapping)):
+        chosen = [tool_choice["function"].get("name")]
+    else:
+        raise RequestError([(choice_field, f"`{choice_field}` must be 'none', 'auto', 'required' or {{'type': "
+                                           f"'function', 'function': {{'name': ...}}}}, got {tool_choice!r}")])
+    missing = [n for n in chosen if n not in functions]
+    if not chosen or missing:
+        raise RequestError([(choice_field, f"`{choice_field}` needs `{tools_field}` to hold "
+                                           f"{missing[0] if missing else 'a function'!r}; tools given: "
+                                           f"{sorted(functions)}")])
+    source = json.dumps([{"name": n, "parameters": functions[n]} for n in chosen])
+    if len(source) > limits.max_constraint_chars:
+        raise RequestError([(tools_field, f"the chosen tools' schemas must be at most {limits.max_constraint_chars} "
+                                          f"characters of JSON, got {len(source)}")])
+    return ValidTools(tools, True, source)
 
 
 def schema_problem(source: str) -> str | None:

@@ -286,9 +286,9 @@ def test_errors_are_the_sdks_typed_exceptions(client):
     with pytest.raises(openai.BadRequestError, match="max_completion_tokens") as e:
         client.chat.completions.create(model="test", messages=CHAT, max_completion_tokens=10**6)
     assert e.value.body["param"] == "max_completion_tokens"
-    with pytest.raises(openai.BadRequestError, match="not supported yet") as e:
+    with pytest.raises(openai.BadRequestError, match="`tool_choice` needs `tools` to hold 'g'") as e:
         client.chat.completions.create(model="test", messages=CHAT, tools=[{"type": "function", "function": {
-            "name": "f", "parameters": {}}}])
+            "name": "f", "parameters": {}}}], tool_choice={"type": "function", "function": {"name": "g"}})
     with pytest.raises(openai.BadRequestError, match="response_format.json_schema.schema` is required"):
         client.chat.completions.create(model="test", messages=CHAT, response_format={"type": "json_schema"})
     with pytest.raises(openai.BadRequestError, match="not a field of this request") as e:

@@ -4,6 +4,7 @@ the output valid, so every output parsing and validating is the constraint's doi
 import asyncio
 import json
 import re
+import urllib.request
 
 import grpc
 import jsonschema
@@ -12,6 +13,9 @@ import pytest
 import xgrammar as xgr
 
 from qwen2_client import AsyncClient, Client
+from qwen2_client.proto import serving_pb2 as pb
+from qwen2_client.proto import serving_pb2_grpc as pb_grpc
+from router import tool_calls
 from shards.checkpoint import preset_config, write_random_checkpoint
 from tests.server_process import InProcessServer
 
@@ -50,6 +54,7 @@ MAX_TOKENS = 120
 def server(tmp_path_factory):
     model_dir = write_random_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny", preset_config("tiny"), seed=3)
     s = InProcessServer(model_dir, tp=1, http=True, max_num_seqs=16)
+    s.model_dir = model_dir
     yield s
     s.stop()
 
@@ -64,6 +69,13 @@ def client(server):
 def grpc_client(server):
     with Client(server.target) as c:
         yield c
+
+
+def requests_post(server, path: str, body: dict) -> dict:
+    request = urllib.request.Request(server.http_url + path, json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as r:
+        return json.loads(r.read())
 
 
 def completions(client, prompt="Answer:", **extra):
@@ -170,3 +182,130 @@ def test_bad_response_format_and_grpc_errors(client, grpc_client):
         grpc_client.generate("x", regex="[a-")
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "parameters.regex" in str(e.value) and "does not compile" in str(e.value)
+
+
+# -- tool calling ---------------------------------------------------------------------------------------------
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The forecast for a city.",
+    "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo", "Lima"]},
+                                                    "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+                   "required": ["city", "days"], "additionalProperties": False}}}
+SEARCH = {"type": "function", "function": {
+    "name": "search", "parameters": {"type": "object", "properties": {"query": {"type": "string",
+                                                                                "pattern": "^[a-z]{1,10}$"}},
+                                     "required": ["query"], "additionalProperties": False}}}
+TOOLS = [WEATHER, SEARCH]
+SCHEMA_OF = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+ASK = [{"role": "user", "content": "What is the weather in Oslo?"}]
+
+
+def test_parse_hand_written_assistant_message():
+    text = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "days": 2}}\n'
+            '</tool_call>\n<tool_call>\n{"name": "search", "arguments": {"query": "snow"}}\n</tool_call>')
+    content, calls = tool_calls.parse(text)
+    assert content == "Let me check."
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Oslo", "days": 2}),
+                                                                   ("search", {"query": "snow"})]
+    malformed = 'Hi <tool_call>\n{"name": get_weather}\n</tool_call> there'
+    assert tool_calls.parse(malformed) == (malformed, [])
+    for text in (text, malformed, "plain <tool", "x <tool_call>{\"name\": \"a\", \"arguments\": {}}"):
+        for step in (1, 3, 7):  # any split of the stream gives the same content and calls, and no tags
+            stream, content, calls = tool_calls.ToolCallStream(), "", []
+            for i in range(0, len(text), step):
+                delta, new = stream.feed(text[i:i + step])
+                content, calls = content + delta, calls + new
+            content += stream.finish()
+            whole_content, whole_calls = tool_calls.parse(text)
+            assert [(c.name, c.arguments) for c in calls] == [(c.name, c.arguments) for c in whole_calls]
+            assert content.strip() == whole_content.strip()
+            if calls:
+                assert "<tool_call>" not in content
+
+
+def check_calls(calls, allowed):
+    assert calls
+    for call in calls:
+        assert call.function.name in allowed
+        jsonschema.validate(json.loads(call.function.arguments), SCHEMA_OF[call.function.name])
+
+
+@pytest.mark.parametrize("tool_choice,allowed", [
+    ("required", {"get_weather", "search"}),
+    ({"type": "function", "function": {"name": "search"}}, {"search"}),
+])
+def test_required_and_named_tool_choice(client, tool_choice, allowed):
+    r = client.chat.completions.create(model="test", messages=ASK, tools=TOOLS, tool_choice=tool_choice, n=3,
+                                       temperature=1.0, seed=9, max_tokens=MAX_TOKENS)
+    for c in r.choices:
+        assert c.finish_reason == "tool_calls" and not c.message.content
+        check_calls(c.message.tool_calls, allowed)
+    stream = client.chat.completions.create(model="test", messages=ASK, tools=TOOLS, tool_choice=tool_choice,
+                                            temperature=1.0, seed=10, max_tokens=MAX_TOKENS, stream=True)
+    content, calls, finish = "", {}, None
+    for chunk in stream:
+        delta = chunk.choices[0].delta
+        content += delta.content or ""
+        for d in delta.tool_calls or ():
+            if d.id is not None:  # the first delta of a call: id and name
+                assert d.function.name and not d.function.arguments
+                calls[d.index] = {"id": d.id, "name": d.function.name, "arguments": ""}
+            else:
+                calls[d.index]["arguments"] += d.function.arguments
+        finish = chunk.choices[0].finish_reason or finish
+    assert finish == "tool_calls" and "<tool_call>" not in content and not content.strip()
+    check_calls([openai.types.chat.ChatCompletionMessageToolCall(
+        id=c["id"], type="function", function={"name": c["name"], "arguments": c["arguments"]})
+        for c in calls.values()], allowed)
+
+
+def test_tool_calling_over_grpc(server):
+    chat = pb.ChatInput(messages=[pb.ChatMessage(role="user", content="Weather?")], tool_choice_mode="required",
+                        tools=[pb.Tool(name=t["function"]["name"], parameters=json.dumps(t["function"]["parameters"]))
+                               for t in TOOLS])
+    request = pb.GenerateRequest(chat=chat, parameters=pb.GenerationParameters(max_new_tokens=MAX_TOKENS,
+                                                                               temperature=1.0, seed=3))
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.GenerationStub(channel)
+        r = stub.Generate(request, timeout=120)
+        assert r.final.finish_reason == pb.FINISH_REASON_TOOL_CALLS and not r.text.strip()
+        assert len(r.tool_calls) == 1
+        jsonschema.validate(json.loads(r.tool_calls[0].arguments), SCHEMA_OF[r.tool_calls[0].name])
+        parts = list(stub.GenerateStream(request, timeout=120))
+        assert [c.name for p in parts for c in p.tool_calls] == [r.tool_calls[0].name]  # seeded: the same call
+        assert "<tool_call>" not in "".join(p.text for p in parts)
+        request.chat.tool_choice_function = "nope"  # the oneof: replaces tool_choice_mode
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Generate(request, timeout=60)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "chat.tool_choice_function" in e.value.details()
+
+
+def test_history_renders_as_transformers_does(server):
+    from transformers import AutoTokenizer
+
+    history = ASK + [
+        {"role": "assistant", "content": "", "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "Oslo", "days": 2}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"forecast": "snow"}'},
+    ]
+    r = requests_post(server, "/tokenize", {"messages": history, "tools": TOOLS})
+    reference = [dict(m) for m in history]
+    reference[1]["tool_calls"] = [{"id": "call_1", "type": "function", "function": {
+        "name": "get_weather", "arguments": {"city": "Oslo", "days": 2}}}]  # templates read an object
+    tokenizer = AutoTokenizer.from_pretrained(server.model_dir)
+    expected = tokenizer.apply_chat_template(reference, tools=TOOLS, tokenize=False, add_generation_prompt=True)
+    assert "<tools>" in expected and "<tool_response>" in expected
+    assert r["tokens"] == tokenizer.encode(expected)
+
+
+def test_auto_parses_what_the_model_wrote_and_bad_tools_are_refused(client):
+    r = client.chat.completions.create(model="test", messages=ASK, tools=TOOLS, max_tokens=16, temperature=0)
+    assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")  # random weights: text, most likely
+    for bad, param in (({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+                        "tool_choice"),
+                       ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": 3}}}]},
+                        "tools[0].function.parameters"),
+                       ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}},
+                        "tool_choice")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="test", messages=ASK, max_tokens=4, **bad)
+        assert e.value.body["param"] == param, e.value.body
