@@ -156,6 +156,8 @@ def validate_parameters(given: Mapping[str, Any], prompt_len: int, defaults: Def
                         f"maximum model length {limits.max_model_len}"))
     min_tokens = given.get("min_tokens") or 0
     check("min_tokens", min_tokens, 0 <= min_tokens <= max_new, f">= 0 and <= `{wire('max_new_tokens')}` ({max_new})")
+    if prompt_len == 0:  # a text or chat that renders and tokenizes to nothing (an unknown role, say)
+        bad.append(("input", "the prompt is empty once rendered and tokenized: it must have at least one token"))
     if room < (0 if asked == 0 else 1):  # asked 0: the prompt alone
         need = "fit" if asked == 0 else "leave room for at least one new token"
         bad.append(("input", f"the prompt has {prompt_len} tokens; it must {need} within the maximum model length "

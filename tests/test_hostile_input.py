@@ -304,3 +304,11 @@ def test_server_still_serves_after_hostile_input(server, channel, greedy_before)
     assert greedy_tokens(channel) == greedy_before and len(greedy_before) == MAX_NEW_TOKENS
     scheduler = server.runner.scheduler
     assert not server.runner.requests and scheduler.blocks.num_free == scheduler.blocks.num_total
+
+
+def test_a_chat_that_renders_to_nothing_is_invalid_not_internal(channel):
+    """Qwen2's template renders an unknown role as nothing: without a generation prompt, no token is left."""
+    request = pb.GenerateRequest(chat=pb.ChatInput(messages=[pb.ChatMessage(role="narrator", content="x")],
+                                                   add_generation_prompt=False))
+    code, _, details = call(channel, "Generate", request.SerializeToString())
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "prompt is empty" in details, (code, details)

@@ -373,7 +373,9 @@ def test_dashboard_is_a_grafana_dashboard():
                    "qwen2_kv_cache_usage_ratio", "qwen2_preemptions_total", "qwen2_batch_size_bucket",
                    "qwen2_batch_tokens_bucket", "qwen2_stage_forward_seconds_bucket", "qwen2_healthy_shards",
                    "qwen2_actor_restarts_total", "qwen2_step_phase_seconds_bucket", "qwen2_requests_failed_total",
-                   "qwen2_requests_finished_total", "DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_FB_USED"):
+                   "qwen2_requests_finished_total", "qwen2_prefix_cache_hit_tokens_total",
+                   "qwen2_prefix_cache_query_tokens_total", "qwen2_engine_failures_total", "qwen2_engine_loop_running",
+                   "DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_FB_USED"):
         assert metric in queries, f"the dashboard does not show {metric}"
 
 
