@@ -203,7 +203,7 @@ def main(argv=None) -> dict:
         mix = request_mix(args.requests, args.prompt_tokens, args.new_tokens, args.seed)
         results["baseline"] = attempt(errors, "baseline", lambda: baseline.run(
             model_dir, mix, args.baseline_batch_sizes, args.baseline_batches or None))
-    if set(args.workloads) - {"baseline", "long", "prefix"}:
+    if set(args.workloads) - {"baseline", "long", "prefix", "structured"}:
         for tp in args.tp:
             results["tp"][str(tp)] = attempt(errors, f"TP={tp}", lambda: serve_workloads(
                 args, model_dir, cost, limits, tp, threads, errors)) or {}
