@@ -105,8 +105,70 @@ def _tensor_specs(config: dict) -> list[tuple[str, tuple[int, ...], str]]:
     return specs
 
 
-def _random_tensor(shape, kind, std, gen, dtype):
+# init-random --quantization NAME: the quantization_config Qwen's published checkpoints carry.
+QUANTIZATIONS = {
+    "gptq-int4": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True,
+                  "damp_percent": 0.01, "static_groups": False, "true_sequential": True, "checkpoint_format": "gptq"},
+    "gptq-int8": {"quant_method": "gptq", "bits": 8, "group_size": 128, "desc_act": False, "sym": True,
+                  "damp_percent": 0.01, "static_groups": False, "true_sequential": True, "checkpoint_format": "gptq"},
+    "awq": {"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemm", "zero_point": True},
+}
+QUANTIZED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _quantized_specs(specs, qc: dict) -> list:
+    """Each decoder linear's `.weight` [out, in] replaced by the format's tensors (see shards/quant.py)."""
+    bits, method = qc["bits"], qc["quant_method"]
+    pack = 32 // bits
+    out = []
+    for name, shape, kind in specs:
+        if not (name.endswith(".weight") and name.split(".")[-2] in QUANTIZED):
+            out.append((name, shape, kind))
+            continue
+        base, (rows, cols) = name[: -len("weight")], shape
+        group = qc["group_size"] if qc["group_size"] > 0 else cols
+        if cols % group or rows % pack or (method == "gptq" and cols % pack):
+            raise ValueError(f"{name} {list(shape)} does not fit group_size={group} and {pack} values a word")
+        qweight = (cols // pack, rows) if method == "gptq" else (cols, rows // pack)
+        out += [(base + "qweight", qweight, "qweight"), (base + "qzeros", (cols // group, rows // pack), "qzeros"),
+                (base + "scales", (cols // group, rows), "scales")]
+        if method == "gptq":
+            out.append((base + "g_idx", (cols,), "g_idx"))
+    return out
+
+
+def _random_quantized(shape, kind, std, gen, qc: dict) -> torch.Tensor:
+    """Uniform codes, zero points (GPTQ sym: the midpoint, stored minus one) and scales sized so that the
+    weights have about the float checkpoints' spread; g_idx with desc_act assigns each group group_size
+    channels in a random order."""
+    bits, method = qc["bits"], qc["quant_method"]
+    if kind == "g_idx":
+        group = qc["group_size"] if qc["group_size"] > 0 else shape[0]
+        # One random order per input size: fused projections (q, k, v; gate, up) share their input, so their
+        # g_idx agree, as in real checkpoints (the fused layer keeps one).
+        order = (torch.randperm(shape[0], generator=torch.Generator().manual_seed(shape[0]))
+                 if qc.get("desc_act") else torch.arange(shape[0]))
+        return (order // group).to(torch.int32)
+    if kind == "scales":
+        return ((0.5 + torch.rand(shape, generator=gen)) * 2 * std / 2 ** (bits - 1)).to(torch.float16)
+    from shards.quant import AWQ_ORDER, pack
+
+    dim = 0 if kind == "qweight" and method == "gptq" else 1
+    full = list(shape)
+    full[dim] *= 32 // bits
+    if kind == "qzeros" and method == "gptq" and qc.get("sym", True):
+        values = torch.full(full, 2 ** (bits - 1) - 1)
+    elif kind == "qzeros" and method == "gptq":
+        values = torch.randint(0, 2**bits - 1, full, generator=gen)  # stored zero - 1: zero in [1, 2**bits - 1]
+    else:
+        values = torch.randint(0, 2**bits, full, generator=gen)
+    return pack(values, bits, dim, AWQ_ORDER if method == "awq" else None)
+
+
+def _random_tensor(shape, kind, std, gen, dtype, qc=None):
     """Biases and norms are visibly non-default so a loader that skips them fails checks."""
+    if kind in ("qweight", "qzeros", "scales", "g_idx"):
+        return _random_quantized(shape, kind, std, gen, qc)
     x = torch.randn(shape, generator=gen)
     if kind == "matrix":
         x *= std
@@ -117,11 +179,15 @@ def _random_tensor(shape, kind, std, gen, dtype):
     return x.to(dtype)
 
 
+def _itemsize(kind: str, itemsize: int) -> int:
+    return {"qweight": 4, "qzeros": 4, "g_idx": 4, "scales": 2}.get(kind, itemsize)
+
+
 def _plan_shards(specs, itemsize, max_shard_bytes):
     """Greedy split in order; a tensor larger than the limit gets a shard of its own."""
     shards, size = [[]], 0
     for spec in specs:
-        nbytes = itemsize * math.prod(spec[1])
+        nbytes = _itemsize(spec[2], itemsize) * math.prod(spec[1])
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
@@ -155,11 +221,14 @@ def _write_json(path: pathlib.Path, obj) -> None:
 
 
 def write_random_checkpoint(out_dir, config: dict, *, seed: int = 0, dtype: str = "float32",
-                            max_shard_bytes: int = 2 * 1024**3, progress=None) -> pathlib.Path:
+                            max_shard_bytes: int = 2 * 1024**3, progress=None,
+                            quantization: str | None = None) -> pathlib.Path:
     """Write config, generation config, sharded random weights and the real tokenizer.
 
     Tensors are generated one at a time and written shard by shard, so peak memory
     is about one shard even for 72B. Same seed, config and dtype give identical files.
+    `quantization` (a QUANTIZATIONS name) writes the decoder linears in that format, with that
+    quantization_config updated by the config's own `quantization_config` fields.
     """
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; valid dtypes: {', '.join(DTYPES)}")
@@ -168,6 +237,11 @@ def write_random_checkpoint(out_dir, config: dict, *, seed: int = 0, dtype: str 
     out.mkdir(parents=True, exist_ok=True)
 
     config = {**config, "torch_dtype": dtype}
+    if quantization is not None:
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"unknown quantization {quantization!r}; valid: {', '.join(QUANTIZATIONS)}")
+        config["quantization_config"] = QUANTIZATIONS[quantization] | config.get("quantization_config", {})
+    qc = config.get("quantization_config")
     _write_json(out / "config.json", config)
     _write_json(out / "generation_config.json", _generation_config(config))
     for name in TOKENIZER_FILES:
@@ -176,15 +250,17 @@ def write_random_checkpoint(out_dir, config: dict, *, seed: int = 0, dtype: str 
     torch_dtype = DTYPES[dtype]
     itemsize = torch.empty((), dtype=torch_dtype).element_size()
     specs = _tensor_specs(config)
+    if qc:
+        specs = _quantized_specs(specs, qc)
     shards = _plan_shards(specs, itemsize, max_shard_bytes)
-    total = sum(itemsize * math.prod(shape) for _, shape, _ in specs)
+    total = sum(_itemsize(kind, itemsize) * math.prod(shape) for _, shape, kind in specs)
     std = config.get("initializer_range", 0.02)
     gen = torch.Generator().manual_seed(seed)
 
     weight_map, written = {}, 0
     for i, shard in enumerate(shards, 1):
         fname = "model.safetensors" if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {name: _random_tensor(shape, kind, std, gen, torch_dtype) for name, shape, kind in shard}
+        tensors = {name: _random_tensor(shape, kind, std, gen, torch_dtype, qc) for name, shape, kind in shard}
         save_file(tensors, out / fname, metadata={"format": "pt"})
         written += sum(t.numel() * t.element_size() for t in tensors.values())
         del tensors  # free this shard before generating the next

@@ -58,30 +58,51 @@ class ColumnParallelLinear(nn.Module):
     """Output features split over TP ranks; the output stays split (no collective).
 
     `shards` lists the checkpoint tensors fused into this one, as (shard id, full rows, row ranges
-    (first, count) read on this rank), laid out one after another in the local weight.
+    (first, count) read on this rank), laid out one after another in the local weight. With `quant` (a
+    shards.quant method) the weight is stored quantized and dequantized for the matmul.
     """
 
-    def __init__(self, in_features: int, shards: list, bias: bool, dtype=torch.float32):
+    def __init__(self, in_features: int, shards: list, bias: bool, dtype=torch.float32, quant=None):
         super().__init__()
-        self.in_features = in_features
+        self.in_features, self.quant = in_features, quant
         self.shards, offset = {}, 0
         for shard_id, full, ranges in shards:
             self.shards[shard_id] = (full, ranges, offset)
             offset += sum(count for _, count in ranges)
-        self.weight = _parameter((offset, in_features), self._load, dtype)
+        if quant is None:
+            self.weight = _parameter((offset, in_features), self._load, dtype)
+        else:
+            quant.create(self, offset, in_features, dtype, self._load, len(self.shards), in_features)
         self.bias = _parameter((offset,), self._load, dtype) if bias else None
 
     def _load(self, param, source, shard_id=None):
-        full, ranges, offset = self.shards[shard_id]
-        expected = (full, self.in_features) if param.dim() == 2 else (full,)
-        read = 0
-        for first, count in ranges:
-            read += copy_into(param.data[offset : offset + count], read_slice(source, expected, 0, first, count))
-            offset += count
+        """Rows of output channels; a quantized parameter says which dimension holds them (`out_dim`, None:
+        not split) and how many channels one index covers (`out_div`, > 1 when packed along the output)."""
+        dim, div = getattr(param, "out_dim", 0), getattr(param, "out_div", 1)
+        if dim is None:
+            return copy_into(param.data, read_slice(source, param.shape))
+        offset, read = self.shards[shard_id][2] // div, 0
+        for part in self.read_rows(source, shard_id, param.shape, dim, div):
+            read += copy_into(param.data.narrow(dim, offset, part.shape[dim]), part)
+            offset += part.shape[dim]
         return read
 
+    def read_rows(self, source, shard_id, local_shape, dim: int = 0, div: int = 1) -> list[torch.Tensor]:
+        """This rank's row ranges of checkpoint tensor `shard_id`, read from `source` (whose other dimensions
+        are those of `local_shape`)."""
+        full, ranges, _ = self.shards[shard_id]
+        expected = list(local_shape)
+        expected[dim] = full // div
+        parts = []
+        for first, count in ranges:
+            if first % div or count % div:
+                raise ValueError(f"output channels [{first}, {first + count}) of this rank are not whole words "
+                                 f"of {div} packed channels")
+            parts.append(read_slice(source, expected, dim, first // div, count // div))
+        return parts
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight if self.quant is None else self.quant.dense(self, x.dtype), self.bias)
 
 
 def split(total: int, groups: ParallelGroups) -> tuple[int, int]:
@@ -94,10 +115,12 @@ def split(total: int, groups: ParallelGroups) -> tuple[int, int]:
     return rank * base + min(rank, extra), base + (rank < extra)
 
 
-def merged_column_parallel(in_features: int, out_features: int, num: int, groups: ParallelGroups, dtype):
+def merged_column_parallel(in_features: int, out_features: int, num: int, groups: ParallelGroups, dtype,
+                           quant=None):
     """`num` same-sized projections (gate and up) fused, each split over TP ranks."""
     first, local = split(out_features, groups)
-    return ColumnParallelLinear(in_features, [(i, out_features, [(first, local)]) for i in range(num)], False, dtype)
+    shards = [(i, out_features, [(first, local)]) for i in range(num)]
+    return ColumnParallelLinear(in_features, shards, False, dtype, quant)
 
 
 def local_kv_heads(heads: int, kv_heads: int, groups: ParallelGroups) -> list[int]:
@@ -116,31 +139,52 @@ def local_kv_heads(heads: int, kv_heads: int, groups: ParallelGroups) -> list[in
 
 
 def qkv_parallel(hidden: int, heads: int, kv_heads: list[int], total_kv: int, head_dim: int,
-                 groups: ParallelGroups, dtype):
+                 groups: ParallelGroups, dtype, quant=None):
     """Fused q/k/v with bias: this rank's query heads, and the KV heads `kv_heads` they attend."""
     q_local = heads // groups.tp_size
     q_rows = [(groups.tp_rank * q_local * head_dim, q_local * head_dim)]
     kv_rows = [(k * head_dim, head_dim) for k in kv_heads]
     shards = [("q", heads * head_dim, q_rows), ("k", total_kv * head_dim, kv_rows), ("v", total_kv * head_dim, kv_rows)]
-    return ColumnParallelLinear(hidden, shards, bias=True, dtype=dtype)
+    return ColumnParallelLinear(hidden, shards, bias=True, dtype=dtype, quant=quant)
 
 
 class RowParallelLinear(nn.Module):
     """Input features split over TP ranks; the partial products are summed by one all-reduce."""
 
-    def __init__(self, in_features: int, out_features: int, groups: ParallelGroups, dtype=torch.float32):
+    def __init__(self, in_features: int, out_features: int, groups: ParallelGroups, dtype=torch.float32,
+                 quant=None):
         super().__init__()
-        self.groups = groups
+        self.groups, self.quant = groups, quant
         self.in_features = in_features
         self.first, self.local = split(in_features, groups)
-        self.weight = _parameter((out_features, self.local), self._load, dtype)
+        if quant is None:
+            self.weight = _parameter((out_features, self.local), self._load, dtype)
+        else:
+            quant.create(self, out_features, self.local, dtype, self._load, 1, in_features)
 
     def _load(self, param, source, shard_id=None):
-        expected = (param.shape[0], self.in_features)
-        return copy_into(param.data, read_slice(source, expected, 1, self.first, self.local))
+        """Columns of input channels; a quantized parameter says which dimension holds them (`in_dim`, None:
+        every rank reads all of it) and how many channels one index covers (`in_div`: packed, or a group)."""
+        group = getattr(self, "group_size", 1)
+        if self.first % group or self.local % group:
+            raise ValueError(
+                f"tensor_parallel_size={self.groups.tp_size} gives this rank input channels [{self.first}, "
+                f"{self.first + self.local}) of {self.in_features}, which splits a group of group_size={group}: "
+                "a quantized row-parallel weight is split on group boundaries only")
+        dim, div = getattr(param, "in_dim", 1), getattr(param, "in_div", 1)
+        if dim is None:
+            return copy_into(param.data, read_slice(source, param.shape))
+        return copy_into(param.data, self.read_columns(source, param.shape, dim, div))
+
+    def read_columns(self, source, local_shape, dim: int = 1, div: int = 1) -> torch.Tensor:
+        """This rank's input channels of `source` (whose other dimensions are those of `local_shape`)."""
+        expected = list(local_shape)
+        expected[dim] = -(-self.in_features // div)
+        return read_slice(source, expected, dim, self.first // div, self.local // div)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return all_reduce(F.linear(x, self.weight), self.groups)
+        weight = self.weight if self.quant is None else self.quant.dense(self, x.dtype)
+        return all_reduce(F.linear(x, weight), self.groups)
 
 
 class VocabParallelEmbedding(nn.Module):

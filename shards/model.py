@@ -20,6 +20,7 @@ from shards.layers import (
     qkv_parallel,
 )
 from shards.parallel import ParallelGroups
+from shards.quant import QuantConfig, linear_method
 from shards.rope import RotaryEmbedding, apply_rotary
 
 
@@ -40,7 +41,7 @@ def partition_layers(num_layers: int, pp_size: int) -> list[range]:
 
 
 class Attention(nn.Module):
-    def __init__(self, config: Qwen2Config, window, groups: ParallelGroups, backend: str):
+    def __init__(self, config: Qwen2Config, window, groups: ParallelGroups, backend: str, quant=None):
         super().__init__()
         tp, dt = groups.tp_size, config.dtype
         heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
@@ -49,8 +50,9 @@ class Attention(nn.Module):
         self.head_dim, self.window = config.head_dim, window
         self.scale = config.head_dim**-0.5
         self.attend = load_backend(backend, torch.get_default_device())  # built under `with device`
-        self.qkv_proj = qkv_parallel(config.hidden_size, heads, local_kv, kv_heads, config.head_dim, groups, dt)
-        self.o_proj = RowParallelLinear(config.num_attention_heads * config.head_dim, config.hidden_size, groups, dt)
+        self.qkv_proj = qkv_parallel(config.hidden_size, heads, local_kv, kv_heads, config.head_dim, groups, dt,
+                                     quant)
+        self.o_proj = RowParallelLinear(heads * config.head_dim, config.hidden_size, groups, dt, quant)
 
     def forward(self, x, cos, sin, cache, batch: StepBatch):
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
@@ -63,11 +65,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: Qwen2Config, groups: ParallelGroups):
+    def __init__(self, config: Qwen2Config, groups: ParallelGroups, quant=None):
         super().__init__()
         hidden, inter, dt = config.hidden_size, config.intermediate_size, config.dtype
-        self.gate_up_proj = merged_column_parallel(hidden, inter, 2, groups, dt)
-        self.down_proj = RowParallelLinear(inter, hidden, groups, dt)
+        self.gate_up_proj = merged_column_parallel(hidden, inter, 2, groups, dt, quant)
+        self.down_proj = RowParallelLinear(inter, hidden, groups, dt, quant)
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -75,12 +77,12 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: Qwen2Config, window, groups: ParallelGroups, backend: str):
+    def __init__(self, config: Qwen2Config, window, groups: ParallelGroups, backend: str, quant=None):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
-        self.self_attn = Attention(config, window, groups, backend)
+        self.self_attn = Attention(config, window, groups, backend, quant)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
-        self.mlp = MLP(config, groups)
+        self.mlp = MLP(config, groups, quant)
 
     def forward(self, x, cos, sin, cache, batch):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, batch)
@@ -88,7 +90,11 @@ class DecoderLayer(nn.Module):
 
 
 class Qwen2Stage(nn.Module):
-    def __init__(self, config: Qwen2Config, groups: ParallelGroups, attention_backend: str = "torch"):
+    """`quant` (a shards.quant.QuantConfig) quantizes the decoder layers' linears; embeddings, norms and the
+    LM head stay in the compute dtype, as transformers keeps them."""
+
+    def __init__(self, config: Qwen2Config, groups: ParallelGroups, attention_backend: str = "torch",
+                 quant: QuantConfig | None = None):
         super().__init__()
         self.config, self.groups = config, groups
         self.layer_range = partition_layers(config.num_hidden_layers, groups.pp_size)[groups.pp_rank]
@@ -96,7 +102,8 @@ class Qwen2Stage(nn.Module):
         if groups.is_first_stage:
             self.embed_tokens = VocabParallelEmbedding(vocab, hidden, groups, dt)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, config.sliding_windows[i], groups, attention_backend) for i in self.layer_range
+            DecoderLayer(config, config.sliding_windows[i], groups, attention_backend, linear_method(quant))
+            for i in self.layer_range
         )
         self.rotary = RotaryEmbedding(config)
         if groups.is_last_stage:

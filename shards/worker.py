@@ -14,6 +14,7 @@ from shards.config import DTYPES, Qwen2Config
 from shards.loader import load_weights
 from shards.model import Qwen2Stage
 from shards.parallel import ParallelGroups, recv_from_prev_stage, send_to_next_stage
+from shards.quant import QuantConfig
 from shards.sampling import TokenLogprobs, sample
 
 PROMPT_LOGPROB_ROWS = 256  # 256 rows of a 152K vocabulary: 156 MB of float32 logits
@@ -30,6 +31,8 @@ class ShardWorker:
         dtype: str | None = None,
         attention_backend: str | None = None,  # None: triton on CUDA, torch elsewhere
         progress=None,
+        quantization: str | None = None,
+        quant_double: bool = False,
     ):
         config = Qwen2Config.from_pretrained(model_dir)
         if dtype is not None:
@@ -37,8 +40,10 @@ class ShardWorker:
         config.check_layout(groups.tp_size, groups.pp_size)
         self.config, self.groups, self.block_size = config, groups, block_size
         self.device = torch.device(device)
+        # A pre-quantized checkpoint's quantization_config, or load-time NF4 (`quantization`).
+        self.quant = QuantConfig.resolve(config.raw, quantization, quant_double)
         with self.device:
-            self.model = Qwen2Stage(config, groups, attention_backend)
+            self.model = Qwen2Stage(config, groups, attention_backend, self.quant)
         self.bytes_loaded = load_weights(self.model.checkpoint_targets(), model_dir, progress)
         self.kv_cache = None
         if num_kv_blocks is not None:

@@ -1,0 +1,268 @@
+"""4-bit weights (shards/quant.py): NF4 against bitsandbytes itself, GPTQ and AWQ unpacking against values
+packed by hand from each format's definition, and the served quantized model against transformers' Qwen2 on
+the same dequantized weights at several TP x PP layouts."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import bitsandbytes.functional as bnb
+from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import BitsAndBytesConfig, Qwen2ForCausalLM
+
+from shards import loader
+from shards.checkpoint import preset_config, write_random_checkpoint
+from shards.config import Qwen2Config
+from shards.model import Qwen2Stage
+from shards.parallel import ParallelGroups
+from shards.quant import AWQ_ORDER, QuantConfig, dynamic_map, nf4_dequantize, nf4_quantize, pack, unpack
+from tests import quant_ranks
+from tests.multiproc import run_ranks
+
+TOLERANCE = 1e-4  # float32
+# 4 heads over 2 KV heads, MLP 256: every TP size here splits heads, words of 8 and groups of 16 evenly.
+CONFIG = dict(vocab_size=1003, tie_word_embeddings=False, num_hidden_layers=3, intermediate_size=256,
+              max_position_embeddings=256)
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ROW_PARALLEL = ("o_proj", "down_proj")
+
+
+def _bnb_dequantize(state: dict, shape) -> torch.Tensor:
+    """Our NF4 state dequantized by bitsandbytes (float32): its blockwise dequantization of the double-quantized
+    absmax, and its torch 4-bit dequantization (its CPU C kernel mis-indexes absmax when a row's length is not
+    a multiple of the block size: 40 x 96 round-trips with 4x the error)."""
+    absmax = state["absmax"]
+    if "offset" in state:
+        absmax = bnb.dequantize_blockwise(absmax, absmax=state["absmax2"], code=bnb.create_dynamic_map(),
+                                          blocksize=256) + state["offset"]
+    return _dequantize_4bit_compute(state["weight"], absmax, bnb.get_4bit_type("nf4", device="cpu"), 64, shape,
+                                    torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(130, 64), (33, 65), (700, 96)])
+def test_nf4_matches_bitsandbytes(shape, dtype):
+    """Codes, absmax, offset and the second-level absmax bit for bit; dequantized weights bit for bit
+    (bitsandbytes' dequantize_4bit of our state)."""
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype) * 0.02
+    for double in (False, True):
+        theirs, state = bnb.quantize_4bit(w, blocksize=64, compress_statistics=double, quant_type="nf4")
+        ours = nf4_quantize(w, double)
+        assert torch.equal(ours["weight"], theirs.flatten())
+        if not double:
+            assert torch.equal(ours["absmax"], state.absmax)
+        else:
+            assert torch.equal(ours["offset"], state.offset) and torch.equal(ours["absmax2"], state.state2.absmax)
+            # The 8-bit absmax codes: ours is always the nearest code (as bitsandbytes' CUDA kernel and torch
+            # path choose); its CPU C kernel's approximate search picks the other neighbour for values within
+            # 2e-5 of a midpoint. Those are the only differences.
+            code = dynamic_map()
+            first_level = bnb.quantize_4bit(w, blocksize=64, quant_type="nf4")[1].absmax
+            scaled = first_level - state.offset
+            scaled = scaled / state.state2.absmax.repeat_interleave(256)[: scaled.numel()]
+            assert torch.equal((code[None] - scaled[:, None]).abs().argmin(1).to(torch.uint8), ours["absmax"])
+            differ = ours["absmax"] != state.absmax
+            mid = (code[ours["absmax"][differ].long()] + code[state.absmax[differ].long()]) / 2
+            assert ((scaled[differ] - mid).abs() < 2e-5).all() and differ.float().mean() < 0.02
+        again = _bnb_dequantize(ours, shape).to(dtype)
+        assert torch.equal(nf4_dequantize(ours, shape, dtype), again)
+
+
+def test_unpacking_matches_values_packed_by_hand():
+    """From the formats' definitions: GPTQ puts element j of a word at bits [j*bits, ...), AWQ puts output
+    channel [0, 2, 4, 6, 1, 3, 5, 7][j] of its 8 in nibble j."""
+    words = torch.tensor([[0x76543210, 0x0FEDCBA9 - 2**32 * 0]], dtype=torch.int64).to(torch.int32)
+    assert unpack(words.t(), 4, 0).flatten().tolist() == list(range(8)) + [9, 10, 11, 12, 13, 14, 15, 0]
+    assert unpack(torch.tensor([[0x03020100]], dtype=torch.int32), 8, 0).flatten().tolist() == [0, 1, 2, 3]
+    awq = torch.tensor([[0x75316420]], dtype=torch.int32)  # channel k holds value k
+    assert unpack(awq, 4, 1, AWQ_ORDER).flatten().tolist() == list(range(8))
+    negative = torch.tensor([[-1]], dtype=torch.int32)  # all bits set: every value 15
+    assert unpack(negative, 4, 1).flatten().tolist() == [15] * 8
+    values = torch.randint(0, 16, (64, 24))
+    for dim in (0, 1):
+        assert torch.equal(unpack(pack(values, 4, dim, AWQ_ORDER), 4, dim, AWQ_ORDER), values)
+
+
+def _reference_dequantize(tensors: dict, base: str, qc: dict) -> torch.Tensor:
+    """[out, in] float32 from a checkpoint's qweight/qzeros/scales(/g_idx), written from the formats'
+    definitions with explicit shifts (independent of shards.quant)."""
+    bits, mask = qc["bits"], 2 ** qc["bits"] - 1
+    per = 32 // bits
+    qweight, qzeros, scales = (tensors[base + k].to(torch.int64) & 0xFFFFFFFF for k in ("qweight", "qzeros", "scales"))
+    scales = tensors[base + "scales"].float()
+    if qc["quant_method"] == "gptq":
+        q = torch.stack([(qweight >> (bits * j)) & mask for j in range(per)], 1).reshape(-1, qweight.shape[1])
+        zeros = torch.stack([(qzeros >> (bits * j)) & mask for j in range(per)], 2).reshape(qzeros.shape[0], -1) + 1
+        g = tensors[base + "g_idx"].long()
+    else:
+        reverse = [0, 4, 1, 5, 2, 6, 3, 7]  # AutoAWQ's AWQ_REVERSE_ORDER: channel k sits in nibble reverse[k]
+        q = torch.stack([(qweight >> (4 * reverse[k])) & mask for k in range(8)], 2).reshape(qweight.shape[0], -1)
+        zeros = torch.stack([(qzeros >> (4 * reverse[k])) & mask for k in range(8)], 2).reshape(qzeros.shape[0], -1)
+        g = torch.arange(q.shape[0]) // qc["group_size"]
+    return ((q - zeros[g]) * scales[g]).t().contiguous()
+
+
+def _dequantized_checkpoint(model_dir, out_dir, dense: dict) -> None:
+    """The checkpoint with every quantized linear replaced by `dense[name]` (float32), for transformers."""
+    tensors = {}
+    for path in model_dir.glob("*.safetensors"):
+        with safe_open(path, "pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+    keep = {k: v for k, v in tensors.items() if not k.rsplit(".", 2)[-2] in LINEARS or k.endswith(".bias")}
+    out_dir.mkdir()
+    save_file(keep | dense, out_dir / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((model_dir / "config.json").read_text())
+    config.pop("quantization_config", None)
+    (out_dir / "config.json").write_text(json.dumps(config | {"torch_dtype": "float32"}))
+
+
+def _nf4_dense(model_dir, tp: int, double: bool) -> dict:
+    """Each rank's NF4 slices (as its ShardWorker quantizes them), dequantized by bitsandbytes and put back
+    together: what the TP ranks compute with."""
+    stages = []
+    for r in range(tp):
+        stage = Qwen2Stage(Qwen2Config.from_pretrained(model_dir), ParallelGroups(tp_rank=r, tp_size=tp),
+                           quant=QuantConfig("bitsandbytes-nf4", double=double))
+        loader.load_weights(stage.checkpoint_targets(), model_dir)
+        stages.append(stage)
+    dense = {}
+    for i in range(len(stages[0].layers)):
+        for name in LINEARS:
+            module = "mlp" if name.endswith("_proj") and name[:-5] in ("gate", "up", "down") else "self_attn"
+            fused = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+                     "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}.get(name, (name, None))
+            parts = []
+            for stage in stages:
+                state = getattr(getattr(stage.layers[i], module), fused[0]).nf4[fused[1]]
+                parts.append(_bnb_dequantize(state, state["shape"]))
+            dense[f"model.layers.{i}.{module}.{name}.weight"] = torch.cat(parts, 1 if name in ROW_PARALLEL else 0)
+    return dense
+
+
+CASES = [("nf4", 1, 1), ("nf4-double", 2, 1), ("gptq-int4", 2, 1), ("gptq-int4", 4, 1), ("gptq-int4", 1, 2),
+         ("gptq-int8", 1, 1), ("gptq-int4-desc-act", 2, 1), ("awq", 1, 1), ("awq", 2, 1), ("awq", 1, 2)]
+
+
+@pytest.mark.parametrize("fmt,tp,pp", CASES)
+def test_quantized_logits_match_transformers_on_dequantized_weights(tmp_path, fmt, tp, pp):
+    config = preset_config("tiny") | CONFIG
+    if fmt.startswith("nf4"):
+        model_dir = write_random_checkpoint(tmp_path / "model", config, seed=7, max_shard_bytes=300_000)
+        worker_args = {"quantization": "bitsandbytes-nf4", "quant_double": fmt == "nf4-double"}
+        dense = _nf4_dense(model_dir, tp, fmt == "nf4-double")
+    else:
+        qc = {"group_size": 16} | ({"desc_act": True} if fmt.endswith("desc-act") else {})
+        name = fmt.removesuffix("-desc-act")
+        model_dir = write_random_checkpoint(tmp_path / "model", config | {"quantization_config": qc}, seed=7,
+                                            max_shard_bytes=300_000, quantization=name)
+        qc = json.loads((model_dir / "config.json").read_text())["quantization_config"]
+        tensors = {}
+        for path in model_dir.glob("*.safetensors"):
+            with safe_open(path, "pt") as f:
+                tensors.update({k: f.get_tensor(k) for k in f.keys()})
+        dense = {k[: -len("qweight")] + "weight": _reference_dequantize(tensors, k[: -len("qweight")], qc)
+                 for k in tensors if k.endswith(".qweight")}
+        worker_args = {}
+    _dequantized_checkpoint(model_dir, tmp_path / "dense", dense)
+    prompts = [torch.randint(0, 1003, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+                              for n in (11, 5, 9)]
+    continuations = [torch.randint(0, 1003, (6,), generator=torch.Generator().manual_seed(i)).tolist()
+                     for i in range(3)]
+    results = run_ranks(quant_ranks.quantized_logits, tp * pp, str(model_dir), tp, pp, prompts, continuations,
+                        worker_args)
+    ours = results[(pp - 1) * tp]
+    reference = Qwen2ForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.float32).eval()
+    worst = 0.0
+    for i, (prompt, cont) in enumerate(zip(prompts, continuations)):
+        with torch.no_grad():
+            expected = reference(torch.tensor([prompt + cont])).logits[0, len(prompt) - 1:]
+        assert ours[i].shape == expected.shape
+        worst = max(worst, (ours[i] - expected).abs().max().item())
+    print(f"{fmt} tp={tp} pp={pp}: max |ours - transformers on dequantized weights| = {worst:.3g}")
+    assert worst <= TOLERANCE
+
+
+def test_nf4_weights_equal_transformers_bitsandbytes_load(tmp_path):
+    """transformers' own BitsAndBytesConfig(load_in_4bit, nf4) load on CPU quantizes every linear exactly as our
+    TP-1 rank does (dequantized weights bit for bit). Its CPU 4-bit matmul kernel is not float32-exact, so
+    the logits are compared at 1e-2."""
+    from shards.worker import ShardWorker
+
+    model_dir = write_random_checkpoint(tmp_path, preset_config("tiny") | CONFIG, seed=7)
+    dense = _nf4_dense(model_dir, 1, double=False)
+    hf = Qwen2ForCausalLM.from_pretrained(model_dir, dtype=torch.float32, device_map="cpu",
+                                          quantization_config=BitsAndBytesConfig(
+                                              load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                              bnb_4bit_compute_dtype=torch.float32))
+    for name, weight in dense.items():
+        linear = hf.get_submodule(name.removesuffix(".weight"))
+        theirs = bnb.dequantize_4bit(linear.weight.data, linear.weight.quant_state)
+        assert torch.equal(theirs, weight), name
+    worker = ShardWorker(model_dir, ParallelGroups(), num_kv_blocks=16, block_size=4,
+                         quantization="bitsandbytes-nf4")
+    from shards.batch import SeqPlan
+    from shards.sampling import SamplingParams
+
+    prompt = [5, 9, 100, 7, 3]
+    ours, _ = worker.forward([SeqPlan(0, prompt, 0, [0, 1], sampling=SamplingParams())])
+    with torch.no_grad():
+        expected = hf(torch.tensor([prompt])).logits[0, -1]
+    print(f"nf4 vs transformers' bitsandbytes CPU kernel: {(ours[0] - expected).abs().max().item():.3g}")
+    assert (ours[0] - expected).abs().max().item() < 1e-2
+
+
+def test_a_row_split_inside_a_group_is_refused(tmp_path):
+    """MLP 96 in groups of 32 at TP 2: down_proj's 48 input channels a rank would split a group (as Qwen2-72B's
+    29,568 at TP 8 would; its quantized checkpoints pad to 29,696)."""
+    config = preset_config("tiny") | CONFIG | {"intermediate_size": 96, "quantization_config": {"group_size": 32}}
+    model_dir = write_random_checkpoint(tmp_path, config, quantization="gptq-int4")
+    stage = Qwen2Stage(Qwen2Config.from_pretrained(model_dir), ParallelGroups(tp_rank=1, tp_size=2),
+                       quant=QuantConfig.resolve(json.loads((model_dir / "config.json").read_text()), None))
+    with pytest.raises(ValueError, match=r"'model\.layers\.0\.mlp\.down_proj\.qweight'.*"
+                                         r"tensor_parallel_size=2.*group_size=32"):
+        loader.load_weights(stage.checkpoint_targets(), model_dir)
+
+
+PEAK_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from shards import loader
+    from shards.config import Qwen2Config
+    from shards.model import Qwen2Stage
+    from shards.parallel import ParallelGroups
+    from shards.quant import QuantConfig
+
+    def anon():
+        return int(dict(line.split(":", 1) for line in open("/proc/self/status"))["RssAnon"].split()[0]) * 1024
+
+    base = anon()
+    peak = base
+    def progress(done, total, read):
+        global peak
+        peak = max(peak, anon())
+    stage = Qwen2Stage(Qwen2Config.from_pretrained(sys.argv[1]), ParallelGroups(),
+                       quant=QuantConfig("bitsandbytes-nf4", double=True))
+    read = loader.load_weights(stage.checkpoint_targets(), sys.argv[1], progress)
+    tensors = [p for p in stage.parameters()] + [t for m in stage.modules() for s in getattr(m, "nf4", {}).values()
+                                                  for t in s.values() if hasattr(t, "numel")]
+    held = sum(t.numel() * t.element_size() for t in tensors)
+    print(json.dumps(dict(anon=peak - base, held=held, read=read)))
+""")
+
+
+def test_nf4_load_peak_memory_stays_near_the_quantized_shard(tmp_path):
+    """bench-cpu's body (96 MiB float32, vocabulary cut to 1,003): the rank holds 20 MiB (4-bit linears, float
+    embeddings and norms) and its anonymous memory peaks near 57 MiB (the slice in flight and the quantizer's
+    float32 temporaries, allocator slack), never near the float weights."""
+    config = preset_config("bench-cpu") | {"vocab_size": 1003}
+    model_dir = write_random_checkpoint(tmp_path, config, max_shard_bytes=50 * 2**20)
+    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(model_dir)], capture_output=True, text=True,
+                         check=True)
+    m = json.loads(out.stdout.strip().splitlines()[-1])
+    print({k: f"{v / 2**20:.1f} MiB" for k, v in m.items()})
+    assert m["held"] < m["read"] / 4  # 4-bit linears: ~1/7.5 of float32; the embeddings stay float
+    assert m["anon"] < 0.75 * m["read"]
