@@ -59,14 +59,15 @@ class ShardActor:
             return f"tcp://{host}:{s.getsockname()[1]}"
 
     def load(self, init_method: str, model_dir: str, dtype: str | None, block_size: int, dist_timeout_s: float,
-             attention_backend: str | None = None):
+             attention_backend: str | None = None, quantization: str | None = None, quant_double: bool = False):
         """Join the torch.distributed world, build the TP groups, load this rank's weights.
 
         Returns the KV block size in bytes, and the device's free and total bytes on a GPU."""
         init_distributed(self.rank, self.tp * self.pp, init_method, self.device, dist_timeout_s)
         groups = init_groups(self.tp, self.pp)
         self.worker = ShardWorker(model_dir, groups, block_size=block_size, device=self.device, dtype=dtype,
-                                  attention_backend=attention_backend)
+                                  attention_backend=attention_backend, quantization=quantization,
+                                  quant_double=quant_double)
         free, total = torch.cuda.mem_get_info(self.device) if self.device.type == "cuda" else (None, None)
         return {"kv_block_bytes": self.worker.kv_block_bytes, "free_bytes": free, "total_bytes": total,
                 "weight_bytes": self.worker.bytes_loaded, "pid": os.getpid()}

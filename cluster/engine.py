@@ -21,6 +21,7 @@ from cluster.actor import CONCURRENCY_GROUPS, ShardActor
 from cluster.placement import place_stages, release
 from shards.batch import SeqPlan
 from shards.config import Qwen2Config
+from shards.quant import QuantConfig
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,8 @@ class EngineConfig:
     device: str = "cpu"  # "cpu" (gloo, one CPU bundle per rank) or "cuda" (nccl, one GPU per rank)
     dtype: str | None = None  # default: the checkpoint's
     attention_backend: str | None = None  # "triton" or "torch" (shards.attention); None: triton on CUDA, else torch
+    quantization: str | None = None  # load-time quantization ("bitsandbytes-nf4"); GPTQ/AWQ come from config.json
+    quant_double: bool = False  # NF4: quantize the absmax constants too (bitsandbytes' double quantization)
     block_size: int = 16
     kv_cache_bytes: int = 256 * 2**20  # per rank, on CPU
     gpu_memory_utilization: float = 0.9  # on GPU: the share of device memory weights + KV cache may use
@@ -67,6 +70,8 @@ class Engine:
         self.config = config
         self.model = Qwen2Config.from_pretrained(config.model_dir)
         self.model.check_layout(config.tensor_parallel_size, config.pipeline_parallel_size)
+        # Checked here, before any rank starts: a bad --quantization is a clear error at once.
+        self.quant = QuantConfig.resolve(self.model.raw, config.quantization, config.quant_double)
         self.actors, self.placement, self.dag = [], [], None
         self.num_kv_blocks = 0
         self.healthy = False
@@ -87,6 +92,11 @@ class Engine:
     @property
     def vocab_size(self) -> int:
         return self.model.vocab_size
+
+    @property
+    def quantization(self) -> str:
+        """What the linear weights are held as: "none", or the format's name (gptq-int4, awq, bitsandbytes-nf4)."""
+        return self.quant.name if self.quant else "none"
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -135,7 +145,8 @@ class Engine:
                 ).remote(rank, tp, pp, c.device, int(c.cpus_per_rank)))
             init_method = await self.actors[0].rendezvous_address.remote(c.rendezvous_host)
             loaded = await asyncio.gather(*(
-                a.load.remote(init_method, c.model_dir, c.dtype, c.block_size, c.step_timeout_s, c.attention_backend)
+                a.load.remote(init_method, c.model_dir, c.dtype, c.block_size, c.step_timeout_s, c.attention_backend,
+                              c.quantization, c.quant_double)
                 for a in self.actors
             ))
             self.num_kv_blocks = min(self._blocks_for(info) for info in loaded)

@@ -32,7 +32,8 @@ def init_random(args) -> None:
         print(f"\r{done / 2**20:,.0f} / {total / 2**20:,.0f} MiB", end="", file=sys.stderr, flush=True)
 
     out = write_random_checkpoint(args.out, config, seed=args.seed, dtype=args.dtype,
-                                  max_shard_bytes=int(args.max_shard_gib * 2**30), progress=progress)
+                                  max_shard_bytes=int(args.max_shard_gib * 2**30), progress=progress,
+                                  quantization=args.quantization)
     print(f"\nwrote {out}", file=sys.stderr)
 
 
@@ -48,6 +49,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attention-backend", choices=["triton", "torch"],
                         help="paged attention: a fused Triton kernel or torch's SDPA (default: triton on cuda, "
                              "torch on cpu)")
+    parser.add_argument("--quantization", choices=["bitsandbytes-nf4"],
+                        help="quantize the decoder's linear weights to 4 bits as each rank loads its slice (GPTQ and "
+                             "AWQ checkpoints are recognised from their config.json, no flag needed)")
+    parser.add_argument("--quant-double", action="store_true",
+                        help="NF4: quantize the absmax constants too (bitsandbytes' double quantization)")
     parser.add_argument("--kv-cache-memory-gib", type=float, default=0.25, help="KV cache per rank on CPU")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                         help="share of each GPU that weights + KV cache may use")
@@ -70,6 +76,8 @@ def engine_config(args):
         device=args.device,
         dtype=args.dtype,
         attention_backend=args.attention_backend,
+        quantization=args.quantization,
+        quant_double=args.quant_double,
         block_size=args.block_size,
         kv_cache_bytes=int(args.kv_cache_memory_gib * 2**30),
         gpu_memory_utilization=args.gpu_memory_utilization,
@@ -201,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--max-shard-gib", type=float, default=2.0)
+    p.add_argument("--quantization", choices=["gptq-int4", "gptq-int8", "awq"],
+                   help="write the decoder's linear weights pre-quantized in that on-disk format")
     p.set_defaults(run=init_random)
 
     p = sub.add_parser("generate", help="generate from a prompt through the Ray engine (no gRPC server)")

@@ -73,7 +73,8 @@ class Metrics:
         self.engine_loop_running = Gauge("qwen2_engine_loop_running", "1 while the engine loop runs (0 before the "
                                          "engine is up, after shutdown, or if the loop died)", registry=r)
         self.info = Gauge("qwen2_model_info", "The served model and layout (value 1)",
-                          ["model", "tensor_parallel_size", "pipeline_parallel_size", "dtype", "device", "version"],
+                          ["model", "tensor_parallel_size", "pipeline_parallel_size", "dtype", "device", "version",
+                           "quantization"],
                           registry=r)
         self._preemptions_seen = 0
         self._prefix_seen = (0, 0)  # the scheduler's (queried, hit) tokens already counted
@@ -89,8 +90,9 @@ class Metrics:
     def serve(self, host: str, port: int) -> None:
         start_http_server(port, addr=host, registry=self.registry)
 
-    def set_model(self, model: str, tp: int, pp: int, dtype: str, device: str, version: str) -> None:
-        self.info.labels(model, str(tp), str(pp), dtype, device, version).set(1)
+    def set_model(self, model: str, tp: int, pp: int, dtype: str, device: str, version: str,
+                  quantization: str) -> None:
+        self.info.labels(model, str(tp), str(pp), dtype, device, version, quantization).set(1)
 
     def on_step(self, num_seqs: int, num_tokens: int, rank_seconds: list[float], tp: int) -> None:
         self.batch_size.observe(num_seqs)

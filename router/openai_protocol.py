@@ -263,6 +263,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "qwen2-cluster"
     max_model_len: int
+    quantization: str  # "none" or the weights' 4/8-bit format
 
 
 class ModelList(BaseModel):

@@ -543,7 +543,8 @@ class OpenAIApi:
         return ModelList(data=[self.model_card()])
 
     def model_card(self) -> ModelCard:
-        return ModelCard(id=self.model_name, created=self.created, max_model_len=self.core.limits.max_model_len)
+        return ModelCard(id=self.model_name, created=self.created, max_model_len=self.core.limits.max_model_len,
+                         quantization=self.core.runner.engine.quantization)
 
 
 # -- the ASGI app ---------------------------------------------------------------------------------------------

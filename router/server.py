@@ -336,7 +336,7 @@ class GenerationService(pb_grpc.GenerationServicer):
             eos_token_ids=engine.eos_token_ids, tensor_parallel_size=c.tensor_parallel_size,
             pipeline_parallel_size=c.pipeline_parallel_size, dtype=str(c.dtype or engine.model.dtype).replace("torch.", ""),
             device=c.device, max_new_tokens_limit=self.core.limits.max_new_tokens, num_kv_blocks=engine.num_kv_blocks,
-            block_size=engine.block_size, version=_version(),
+            block_size=engine.block_size, version=_version(), quantization=engine.quantization,
         )
 
 
@@ -412,7 +412,8 @@ class Server:
             metrics.serve(self.config.host, self.config.metrics_port)
         c = engine.config
         metrics.set_model(self.model_name, c.tensor_parallel_size, c.pipeline_parallel_size,
-                          str(c.dtype or engine.model.dtype).replace("torch.", ""), c.device, _version())
+                          str(c.dtype or engine.model.dtype).replace("torch.", ""), c.device, _version(),
+                          engine.quantization)
         await self.grpc.start()
         log.info("gRPC listening on %s:%d (NOT_SERVING until the engine is up)", self.config.host, self.port)
         if self.http is not None:

@@ -1,9 +1,11 @@
 import os
 
+import openai
 import pytest
 import torch
 from transformers import Qwen2ForCausalLM
 
+from qwen2_client import Client
 from shards.checkpoint import preset_config, write_random_checkpoint
 from tests.engine_scenarios import NEW_TOKENS as GREEDY_NEW_TOKENS
 from tests.engine_scenarios import PROMPTS as GREEDY_PROMPTS
@@ -59,3 +61,16 @@ def expected_greedy(checkpoints):
             logprobs = model(ids).logits[0, len(prompt) - 1 : -1].log_softmax(-1)
         out.append((ids[0, len(prompt):].tolist(), logprobs))
     return out
+
+
+# Clients of a module's `server` fixture (an InProcessServer with http=True): the real openai SDK and ours.
+@pytest.fixture(scope="module")
+def client(server):
+    with openai.OpenAI(base_url=server.http_url + "/v1", api_key="unused", max_retries=0, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def grpc_client(server):
+    with Client(server.target) as c:
+        yield c

@@ -14,7 +14,6 @@ import pytest
 import torch
 from transformers import AutoTokenizer, Qwen2ForCausalLM
 
-from qwen2_client import Client
 from router.openai_server import HttpServer
 from router.runner import Runner
 from router.service import ServingCore
@@ -40,18 +39,6 @@ def server(model_dir):
                         limits_options={"max_new_tokens": 4000}, max_num_seqs=8, max_waiting=MAX_WAITING)
     yield s
     s.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with openai.OpenAI(base_url=server.http_url + "/v1", api_key="unused", max_retries=0, timeout=120) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def grpc_client(server):
-    with Client(server.target) as c:
-        yield c
 
 
 def raw(server, method: str, path: str, body: bytes | str | None = None, headers: dict | None = None):

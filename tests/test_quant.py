@@ -266,3 +266,52 @@ def test_nf4_load_peak_memory_stays_near_the_quantized_shard(tmp_path):
     print({k: f"{v / 2**20:.1f} MiB" for k, v in m.items()})
     assert m["held"] < m["read"] / 4  # 4-bit linears: ~1/7.5 of float32; the embeddings stay float
     assert m["anon"] < 0.75 * m["read"]
+
+
+def test_served_quantized_checkpoints_report_their_format_and_generate_as_transformers(tmp_path):
+    """Through the CLI and a real server: `init-random --quantization gptq-int4` writes a checkpoint the
+    server recognises from its config.json (ModelInfo and /v1/models say so) and serves greedy tokens equal
+    to transformers' on its dequantized weights; `--quantization bitsandbytes-nf4` is checked before any
+    rank starts."""
+    from cluster.engine import Engine
+    from qwen2_client import Client
+    from tests.engine_scenarios import engine_config
+    from tests.server_process import InProcessServer
+
+    model_dir = tmp_path / "gptq"
+    overrides = tmp_path / "overrides.json"
+    overrides.write_text(json.dumps(CONFIG | {"quantization_config": {"group_size": 16}}))
+    exe = [sys.executable, "-m", "router.cli", "init-random", "--preset", "tiny", "--config", str(overrides),
+           "--quantization", "gptq-int4", "--out", str(model_dir), "--seed", "3"]
+    subprocess.run(exe, check=True, capture_output=True, timeout=120)
+    qc = json.loads((model_dir / "config.json").read_text())["quantization_config"]
+    tensors = {}
+    for path in model_dir.glob("*.safetensors"):
+        with safe_open(path, "pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+    _dequantized_checkpoint(model_dir, tmp_path / "dense", {
+        k[: -len("qweight")] + "weight": _reference_dequantize(tensors, k[: -len("qweight")], qc)
+        for k in tensors if k.endswith(".qweight")})
+    prompt = [5, 17, 300, 42, 9, 77]
+    reference = Qwen2ForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.float32).eval()
+    expected = reference.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=None,
+                                  pad_token_id=0)[0, len(prompt):].tolist()
+
+    assert Engine(engine_config(model_dir)).quantization == "gptq-int4"
+    with pytest.raises(ValueError, match="already quantized"):
+        Engine(engine_config(model_dir, quantization="bitsandbytes-nf4"))
+    float_dir = write_random_checkpoint(tmp_path / "float", preset_config("tiny") | CONFIG, seed=3)
+    assert Engine(engine_config(float_dir, quantization="bitsandbytes-nf4", quant_double=True)).quantization == \
+        "bitsandbytes-nf4-double"
+
+    server = InProcessServer(model_dir, tp=1, http=True)
+    try:
+        with Client(server.target) as client:
+            assert client.model_info().quantization == "gptq-int4"
+            got = client.generate(token_ids=prompt, max_new_tokens=6, temperature=0, ignore_eos=True)
+        assert got.token_ids == expected
+        import urllib.request
+        with urllib.request.urlopen(server.http_url + "/v1/models", timeout=10) as r:
+            assert json.loads(r.read())["data"][0]["quantization"] == "gptq-int4"
+    finally:
+        server.stop()

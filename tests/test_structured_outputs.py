@@ -12,7 +12,7 @@ import openai
 import pytest
 import xgrammar as xgr
 
-from qwen2_client import AsyncClient, Client
+from qwen2_client import AsyncClient
 from qwen2_client.proto import serving_pb2 as pb
 from qwen2_client.proto import serving_pb2_grpc as pb_grpc
 from router import tool_calls
@@ -57,18 +57,6 @@ def server(tmp_path_factory):
     s.model_dir = model_dir
     yield s
     s.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with openai.OpenAI(base_url=server.http_url + "/v1", api_key="unused", max_retries=0, timeout=120) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def grpc_client(server):
-    with Client(server.target) as c:
-        yield c
 
 
 def requests_post(server, path: str, body: dict) -> dict:

@@ -174,6 +174,7 @@ class ModelInfo:
     num_kv_blocks: int
     block_size: int
     version: str
+    quantization: str = ""  # "none", or the weights' format (servers before it: "")
 
     @classmethod
     def from_pb(cls, m: pb.ModelInfoResponse) -> "ModelInfo":
@@ -182,7 +183,7 @@ class ModelInfo:
             eos_token_ids=list(m.eos_token_ids), tensor_parallel_size=m.tensor_parallel_size,
             pipeline_parallel_size=m.pipeline_parallel_size, dtype=m.dtype, device=m.device,
             max_new_tokens_limit=m.max_new_tokens_limit, num_kv_blocks=m.num_kv_blocks,
-            block_size=m.block_size, version=m.version,
+            block_size=m.block_size, version=m.version, quantization=m.quantization,
         )
 
     def to_dict(self) -> dict[str, Any]:
