@@ -32,13 +32,18 @@ class HealthLog:
 
     def _poll(self):
         while not self._stop.wait(0.02):
-            status = self.client.health(timeout=5)
-            if not self.seen or self.seen[-1] != status:
-                self.seen.append(status)
+            self._record()
+
+    def _record(self):
+        status = self.client.health(timeout=5)
+        if not self.seen or self.seen[-1] != status:
+            self.seen.append(status)
 
     def stop(self) -> list[str]:
+        """Ends polling with one last look, so a change just before the stop is not missed."""
         self._stop.set()
         self._thread.join()
+        self._record()
         self.client.close()
         return self.seen
 
