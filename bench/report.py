@@ -100,6 +100,8 @@ def figures(r: dict) -> list[tuple[str, str]]:
                          " / ".join(_ms(s) for s in (p["schedule_s"], p["execute_s"] - p["forward_s"],
                                                       p["detokenize_s"], p["step_s"] - p["schedule_s"]
                                                       - p["execute_s"] - p["detokenize_s"]))))
+            rows.append(("  inside the forward: sampling (share of the step)",
+                         f"{_ms(p['sample_s'])} ({p['sample_s'] / p['step_s']:.0%})"))
         if "prefill" in layout:
             p = layout["prefill"]
             rows.append((f"prefill {p['tokens']} tokens, TP={tp}: TTFT / forward / floor",

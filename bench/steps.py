@@ -33,7 +33,7 @@ def phase_means(d: Counter) -> dict:
     forward = sum(v for k, v in d.items() if k.startswith("qwen2_stage_forward_seconds_sum"))
     return {"steps": steps, "mean_batch": d["qwen2_batch_size_sum"] / steps, "forward_s": forward / steps,
             **{f"{p}_s": d[f"qwen2_step_phase_seconds_sum{{phase={p}}}"] / steps
-               for p in ("schedule", "execute", "detokenize")}}
+               for p in ("schedule", "execute", "sample", "detokenize")}}
 
 
 async def decode_step(target: str, metrics_url: str, batch: int, prompt_tokens: int, steps: int) -> dict:

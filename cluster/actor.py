@@ -76,10 +76,11 @@ class ShardActor:
         self.worker.allocate_kv_cache(num_blocks)
 
     def execute(self, seqs):
-        """This rank's step: (sampled results on the driver rank else None, seconds spent in it)."""
+        """This rank's step: (sampled results on the driver rank else None, seconds spent in it, of which
+        sampling)."""
         began = time.perf_counter()
         results = self.worker.execute(seqs)
-        return results, time.perf_counter() - began
+        return results, time.perf_counter() - began, self.worker.last_sample_s
 
     def shutdown(self) -> None:
         import torch.distributed as dist

@@ -78,6 +78,7 @@ class Engine:
         self.started_ray = False
         self.startup_s = None
         self.last_rank_seconds: list[float] = []  # time each rank spent inside the last completed step
+        self.last_sample_seconds = 0.0  # of the driver's, the time it spent sampling
         self._submit = asyncio.Lock()
 
     # -- model facts the router needs --------------------------------------------------------------
@@ -254,7 +255,8 @@ class Engine:
         except Exception as e:
             self.healthy = False
             raise EngineError(f"step failed: {type(e).__name__}: {e}") from e
-        self.last_rank_seconds = [seconds for _, seconds in results]
+        self.last_rank_seconds = [seconds for _, seconds, _ in results]
+        self.last_sample_seconds = results[self.driver][2]
         return results[self.driver][0]
 
     async def _gather_probing(self, pending) -> list:

@@ -60,7 +60,7 @@ class Metrics:
         self.kv_total = Gauge("qwen2_kv_cache_blocks_capacity", "KV cache blocks", registry=r)
         self.kv_usage = Gauge("qwen2_kv_cache_usage_ratio", "KV cache blocks in use / total", registry=r)
         self.step_phase = Histogram("qwen2_step_phase_seconds", "Engine loop time by phase (schedule, execute, "
-                                    "detokenize)", ["phase"], buckets=LATENCY_BUCKETS, registry=r)
+                                    "detokenize, mask; sample: the driver rank's sampling, inside execute)", ["phase"], buckets=LATENCY_BUCKETS, registry=r)
         self.stage_forward = Histogram("qwen2_stage_forward_seconds", "Time a pipeline stage's TP rank 0 spent "
                                        "in its step (forward, collectives, sampling)", ["stage"],
                                        buckets=LATENCY_BUCKETS, registry=r)

@@ -264,6 +264,7 @@ class Runner:
                 self._on_token(request, seq, results)
         self._failures_in_row = 0  # a step went through whole
         self.metrics.step_phase.labels("detokenize").observe(time.perf_counter() - began)
+        self.metrics.step_phase.labels("sample").observe(self.engine.last_sample_seconds)
         self.metrics.on_step(len(plans), sum(len(p.token_ids) for p in plans), self.engine.last_rank_seconds,
                              self.engine.config.tensor_parallel_size)
         self.metrics.on_scheduler(self.scheduler)

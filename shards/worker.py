@@ -5,6 +5,7 @@ torch.distributed world, then hands every rank the same step plan.
 """
 
 import dataclasses
+import time
 
 import torch
 
@@ -46,6 +47,7 @@ class ShardWorker:
             self.model = Qwen2Stage(config, groups, attention_backend, self.quant)
         self.bytes_loaded = load_weights(self.model.checkpoint_targets(), model_dir, progress)
         self.kv_cache = None
+        self.last_sample_s = 0.0  # seconds the driver spent sampling in its last step
         if num_kv_blocks is not None:
             self.allocate_kv_cache(num_kv_blocks)
 
@@ -95,7 +97,7 @@ class ShardWorker:
         prompt = self._prompt_logprobs(hidden, batch)
         if logits is None:
             return None
-        out = {}
+        out, began = {}, time.perf_counter()
         if batch.sampling_seqs:
             params = [s.sampling for s in batch.sampling_seqs]
             sampled = sample(logits, params, [s.prompt_token_ids for s in batch.sampling_seqs],
@@ -103,6 +105,7 @@ class ShardWorker:
                              [s.token_mask for s in batch.sampling_seqs])
             rows = sampled.to_lists([p.logprobs for p in params])
             out = {s.seq_id: dict(seq_id=s.seq_id, **row) for s, row in zip(batch.sampling_seqs, rows)}
+        self.last_sample_s = time.perf_counter() - began  # to_lists synchronised with the device
         for seq_id, rows in prompt.items():
             out.setdefault(seq_id, {"seq_id": seq_id})["prompt_logprobs"] = rows
         return list(out.values())

@@ -11,6 +11,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from shards import sampling
 from shards.sampling import SamplingParams, SamplingTensors, process_logits, sample
 
 V = 64
@@ -269,8 +270,9 @@ def test_logprobs_are_raw_and_top_n_matches_topk():
     torch.testing.assert_close(out.logprobs, raw.gather(1, out.token_ids[:, None]).squeeze(1))
     values, ids = torch.topk(raw, 5, dim=-1)
     assert out.top_ids.shape == (B, 5) and out.top_ids.dtype == torch.int64
-    assert torch.equal(out.top_ids, ids)
-    torch.testing.assert_close(out.top_logprobs, values)
+    asked = [i for i, p in enumerate(params) if p.logprobs]  # rows asking none get no top-n computed
+    assert torch.equal(out.top_ids[asked], ids[asked])
+    torch.testing.assert_close(out.top_logprobs[asked], values[asked])
     assert out.token_ids.dtype == torch.int64 and out.logprobs.dtype == torch.float32
 
     rows = out.to_lists([p.logprobs for p in params])
@@ -361,3 +363,59 @@ def test_token_mask_bounds_greedy_and_sampled_rows_only():
 def test_no_token_masks_build_no_tensor():
     t = SamplingTensors.build([SamplingParams()], [[]], [[]], 10, "cpu", [None])
     assert t.allowed is None
+
+
+def _whole_vocabulary_draw(logits, params, prompts, outputs):
+    """The reference draw: process_logits over the whole vocabulary (checked against transformers above), then
+    the exponential race over every token."""
+    t = SamplingTensors.build(params, prompts, outputs, logits.shape[1], logits.device)
+    warped = process_logits(logits, t)
+    noise = sampling._exponential_noise(t.keys, torch.arange(logits.shape[1]))
+    drawn = (warped.softmax(dim=-1) / noise).argmax(dim=-1)
+    return torch.where(t.greedy, warped.argmax(dim=-1), drawn)
+
+
+@pytest.mark.parametrize("vocab", [4096, 151936])
+def test_candidate_draws_equal_the_whole_vocabulary_draw(vocab):
+    """Rows with top-k or top-p draw among their CANDIDATES most likely tokens; seeded, they take exactly
+    the token the whole-vocabulary warp and race take, including top-p rows whose nucleus outgrows the
+    candidates (flat logits) and so fall back. Greedy and logprobs are untouched by the path taken."""
+    torch.manual_seed(11)
+    kinds = [
+        dict(temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05),  # Qwen2-Instruct's defaults
+        dict(top_k=5),
+        dict(top_p=0.9, temperature=0.8),
+        dict(top_p=0.95, min_p=0.05),
+        dict(top_k=50, min_p=0.1, temperature=1.3, frequency_penalty=0.5),
+        dict(temperature=0.0, top_k=3),
+        dict(temperature=0.9),  # neither: the whole vocabulary
+        dict(top_p=0.99, temperature=3.0),  # a nucleus far past the candidates on flat rows
+    ]
+    rows = 48
+    params = [SamplingParams(seed=1000 + i, **kinds[i % len(kinds)]) for i in range(rows)]
+    logits = torch.randn(rows, vocab) * torch.linspace(0.5, 6, rows)[:, None]  # flat to peaked rows
+    prompts = [[int(x) for x in torch.randint(0, vocab, (30,))] for _ in range(rows)]
+    outputs = [[int(x) for x in torch.randint(0, vocab, (i % 7,))] for i in range(rows)]
+    ours = sample(logits, params, prompts, outputs)
+    assert torch.equal(ours.token_ids, _whole_vocabulary_draw(logits, params, prompts, outputs))
+    exact = logits.double().log_softmax(-1).gather(1, ours.token_ids[:, None]).squeeze(1)  # float32's is off 2e-5
+    torch.testing.assert_close(ours.logprobs.double(), exact, atol=2e-6, rtol=0)
+
+
+def test_argmax_and_logsumexp_by_chunks_equal_torchs():
+    """The chunked reductions, at sizes that end mid-chunk, with ties (first index wins) and -inf rows."""
+    torch.manual_seed(12)
+    x = torch.randn(5, 3 * sampling.LSE_CHUNK + 77)
+    x[1, 9] = x[1, 2000] = x[1, -1] = 50.0  # ties: the first wins
+    x[2, -1] = 60.0  # the maximum in the short last chunk
+    x[3] = float("-inf")
+    x[3, 100] = 0.0
+    ids, values = sampling._argmax(x)
+    expected_values, expected_ids = x.max(dim=-1)
+    assert torch.equal(ids, expected_ids) and torch.equal(values, expected_values)
+    torch.testing.assert_close(sampling._logsumexp(x), x.logsumexp(dim=-1))
+    for k in (1, 3, 20):
+        values, ids = sampling._topk(x[[0, 2, 4]], k)
+        expected_values, _ = x[[0, 2, 4]].topk(k, dim=-1)
+        assert torch.equal(values, expected_values)
+        assert torch.equal(x[[0, 2, 4]].gather(1, ids), values)  # the ids are those values' columns
