@@ -1,7 +1,8 @@
 """4-bit (and GPTQ 8-bit) linear weights: the formats, their (un)packing and dequantization, and the linear
 methods that hold a rank's slice of them.
 
-Formats (all dequantized in float32, then cast to the compute dtype; the matmul is a plain `F.linear`):
+Formats (all dequantized in float32, then cast to the compute dtype, and a plain `F.linear`; on CUDA GPTQ and AWQ
+use shards/triton_quant.py's fused kernel, which dequantizes the same way tile by tile):
 
 - `bitsandbytes-nf4`: quantized at load time as bitsandbytes' `quantize_4bit(w, blocksize=64,
   quant_type="nf4", compress_statistics=double)` does it, on this rank's slice of each checkpoint tensor
@@ -35,6 +36,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from shards.layers import read_slice
@@ -201,7 +203,13 @@ def _param(shape, dtype, out_dim, out_div, in_dim, in_div) -> nn.Parameter:
     return p
 
 
-class NF4Method:
+class _Method:
+    def apply(self, layer, x: torch.Tensor, bias=None) -> torch.Tensor:
+        """x @ W.T (+ bias): the torch path, dequantize then matmul."""
+        return F.linear(x, self.dense(layer, x.dtype), bias)
+
+
+class NF4Method(_Method):
     """NF4 at load time. Each checkpoint tensor's slice on this rank (q, k, v, gate, up, o, down) is quantized
     as soon as it is read, into its own state, `layer.nf4[shard_id]` (a list of states, in row order), equal to
     bitsandbytes' quantize_4bit of that slice: the same blocks as transformers' (one Linear4bit per checkpoint
@@ -323,8 +331,11 @@ class PrequantizedNF4Method(NF4Method):
         layer.nf4[shard_id] = states
 
 
-class GroupMethod:
-    """GPTQ and AWQ: integer codes with per-group scales and zero points, read as stored."""
+class GroupMethod(_Method):
+    """GPTQ and AWQ: integer codes with per-group scales and zero points, read as stored. On CUDA the matmul
+    is shards/triton_quant.py's fused kernel (`triton_on_cpu`: tests set it under Triton's interpreter)."""
+
+    triton_on_cpu = False
 
     def __init__(self, config: QuantConfig):
         self.config = config
@@ -351,6 +362,16 @@ class GroupMethod:
         for name, p in params.items():
             p.weight_loader = loader
             setattr(layer, name, p)
+
+    def apply(self, layer, x: torch.Tensor, bias=None) -> torch.Tensor:
+        if not (x.is_cuda or self.triton_on_cpu):
+            return super().apply(layer, x, bias)
+        from shards.triton_quant import group_matmul
+
+        c = self.config
+        y = group_matmul(x, layer.qweight, layer.qzeros, layer.scales, getattr(layer, "g_idx", None),
+                         layer.group_size, c.bits, c.method == "awq")
+        return y if bias is None else y + bias
 
     def dense(self, layer, dtype) -> torch.Tensor:
         c = self.config
