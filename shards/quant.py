@@ -127,10 +127,12 @@ def nf4_dequantize(state: dict[str, torch.Tensor], shape, dtype) -> torch.Tensor
 def unpack(packed: torch.Tensor, bits: int, dim: int, order=None) -> torch.Tensor:
     """int32 words -> their 32 / bits unsigned values along `dim`: slot j (bits [j * bits, (j + 1) * bits))
     holds channel `order[j]` of its word's channels (default: channel j)."""
-    values = (packed.unsqueeze(-1) >> torch.arange(0, 32, bits, device=packed.device)) & (2**bits - 1)
-    if order is not None:
-        values = values[..., torch.argsort(torch.tensor(order))]
-    return values.movedim(-1, dim + 1).flatten(dim, dim + 1)
+    slots = range(32 // bits) if order is None else [order.index(c) for c in range(32 // bits)]
+    shifts = torch.tensor([bits * j for j in slots], dtype=torch.int32, device=packed.device)
+    shape = [1] * (packed.dim() + 1)
+    shape[dim + 1] = -1
+    values = (packed.unsqueeze(dim + 1) >> shifts.view(shape)) & (2**bits - 1)  # int32, the word's channels at dim + 1
+    return values.flatten(dim, dim + 1)
 
 
 def pack(values: torch.Tensor, bits: int, dim: int, order=None) -> torch.Tensor:
@@ -382,12 +384,14 @@ class GroupMethod(_Method):
         else:
             q = unpack(layer.qweight, c.bits, 1, order)
             zeros = unpack(layer.qzeros, c.bits, 1, order)
-        if hasattr(layer, "g_idx"):
-            g = layer.g_idx.long()
-        else:
-            g = torch.arange(q.shape[0], device=q.device) // layer.group_size
-        w = (q - zeros[g]).float() * layer.scales[g].float()
-        return w.t().to(dtype)
+        scales = layer.scales.float()
+        groups, rows = scales.shape[0], q.shape[0]
+        if not hasattr(layer, "g_idx") and rows == groups * layer.group_size:  # whole groups: broadcast, in place
+            w = q.float()
+            w.view(groups, -1, w.shape[1]).sub_(zeros[:, None]).mul_(scales[:, None])
+            return w.t().to(dtype)
+        g = layer.g_idx.long() if hasattr(layer, "g_idx") else torch.arange(rows, device=q.device) // layer.group_size
+        return ((q - zeros[g]).float() * scales[g]).t().to(dtype)
 
 
 def linear_method(config: QuantConfig | None):
