@@ -186,7 +186,8 @@ def _nf4_tensors(name: str, w: torch.Tensor, qc: dict) -> dict[str, torch.Tensor
     meta = {"quant_type": "nf4", "blocksize": NF4_BLOCK, "dtype": dtype, "shape": list(w.shape)}
     out = {name: state["weight"].view(-1, 1), name + ".absmax": state["absmax"], name + ".quant_map": NF4_CODE.clone()}
     if double:
-        meta |= {"nested_blocksize": NF4_DOUBLE_BLOCK, "nested_dtype": "float32", "nested_offset": state["offset"].item()}
+        meta |= {"nested_blocksize": NF4_DOUBLE_BLOCK, "nested_dtype": "float32",
+                 "nested_offset": state["offset"].item()}
         out |= {name + ".nested_absmax": state["absmax2"], name + ".nested_quant_map": dynamic_map().clone()}
     out[name + ".quant_state.bitsandbytes__nf4"] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
     return out

@@ -305,7 +305,8 @@ class PrequantizedNF4Method(NF4Method):
             value = read_slice(source, (-(-n // (NF4_BLOCK * NF4_DOUBLE_BLOCK)),))
         else:
             value = json.loads(bytes(torch.as_tensor(source[:]).tolist()))
-            if (value.get("quant_type"), value.get("blocksize"), value.get("shape")) != ("nf4", NF4_BLOCK, [rows, cols]):
+            expected = ("nf4", NF4_BLOCK, [rows, cols])
+            if (value.get("quant_type"), value.get("blocksize"), value.get("shape")) != expected:
                 raise ValueError(f"bitsandbytes quant_state {value} is not NF4 in blocks of {NF4_BLOCK} of shape "
                                  f"{[rows, cols]}")
         parts = layer.nf4_parts.setdefault(shard_id, {})

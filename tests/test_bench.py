@@ -99,7 +99,8 @@ def test_quantized_floors_read_the_quantized_weight_bytes(tmp_path, fmt):
     tensors = {}
     for f in model_dir.glob("*.safetensors"):
         tensors |= load_file(f)
+    skipped = (".g_idx", ".bias", "norm.weight", ".quant_map", ".quant_state.bitsandbytes__nf4")
     held = sum(nbytes(t) for name, t in tensors.items() if name.startswith("model.layers.")
-               and not name.endswith((".g_idx", ".bias", "norm.weight", ".quant_map", ".quant_state.bitsandbytes__nf4")))
+               and not name.endswith(skipped))
     head = tensors.get("lm_head.weight", tensors["model.embed_tokens.weight"])
     assert floors.ModelCost(json.loads((model_dir / "config.json").read_text())).weight_bytes == held + nbytes(head)

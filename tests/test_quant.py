@@ -160,8 +160,9 @@ def _hf_nf4_dense(hf) -> dict:
             for name, m in hf.named_modules() if name.rsplit(".", 1)[-1] in LINEARS}
 
 
-CASES = [("nf4", 1, 1), ("nf4-double", 2, 1), ("nf4-saved", 1, 1), ("nf4-saved-double", 2, 1), ("gptq-int4", 2, 1), ("gptq-int4", 4, 1), ("gptq-int4", 1, 2),
-         ("gptq-int8", 1, 1), ("gptq-int4-desc-act", 2, 1), ("awq", 1, 1), ("awq", 2, 1), ("awq", 1, 2)]
+CASES = [("nf4", 1, 1), ("nf4-double", 2, 1), ("nf4-saved", 1, 1), ("nf4-saved-double", 2, 1),
+         ("gptq-int4", 2, 1), ("gptq-int4", 4, 1), ("gptq-int4", 1, 2), ("gptq-int8", 1, 1),
+         ("gptq-int4-desc-act", 2, 1), ("awq", 1, 1), ("awq", 2, 1), ("awq", 1, 2)]
 
 
 @pytest.mark.parametrize("fmt,tp,pp", CASES)
