@@ -1,8 +1,8 @@
 """4-bit (and GPTQ 8-bit) linear weights: the formats, their (un)packing and dequantization, and the linear
 methods that hold a rank's slice of them.
 
-Formats (all dequantized in float32, then cast to the compute dtype, and a plain `F.linear`; on CUDA GPTQ and AWQ
-use shards/triton_quant.py's fused kernel, which dequantizes the same way tile by tile):
+Formats (all dequantized in float32, then cast to the compute dtype, and a plain `F.linear`; on CUDA
+shards/triton_quant.py's fused kernels dequantize the same way tile by tile):
 
 - `bitsandbytes-nf4`: quantized at load time as bitsandbytes' `quantize_4bit(w, blocksize=64,
   quant_type="nf4", compress_statistics=double)` does it, on this rank's slice of each checkpoint tensor
@@ -110,12 +110,17 @@ def nf4_quantize(w: torch.Tensor, double: bool) -> dict[str, torch.Tensor]:
     return out | {"offset": offset}
 
 
+def nf4_absmax(state: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A state's float32 absmax, one a block of 64 (double quantization's codes dequantized)."""
+    if "offset" not in state:
+        return state["absmax"]
+    return _unblockwise(state["absmax"], state["absmax2"], dynamic_map(), NF4_DOUBLE_BLOCK) + state["offset"]
+
+
 def nf4_dequantize(state: dict[str, torch.Tensor], shape, dtype) -> torch.Tensor:
     """A state's weight [shape] in `dtype`. A state may cover more than its weight (a pre-quantized slice keeps
     the whole blocks around it): its codes viewed as `rows` rows, each starts `skip` elements early."""
-    absmax = state["absmax"]
-    if "offset" in state:
-        absmax = _unblockwise(absmax, state["absmax2"], dynamic_map(), NF4_DOUBLE_BLOCK) + state["offset"]
+    absmax = nf4_absmax(state)
     packed = state["weight"]
     q = torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1)
     values = torch.nn.functional.pad(NF4_CODE.to(q.device)[q.long()], (0, -q.numel() % NF4_BLOCK))
@@ -206,9 +211,17 @@ def _param(shape, dtype, out_dim, out_div, in_dim, in_div) -> nn.Parameter:
 
 
 class _Method:
+    """On CUDA the matmul is a fused kernel of shards/triton_quant.py (`triton_on_cpu`: tests set it under
+    Triton's interpreter); elsewhere dequantize, then matmul."""
+
+    triton_on_cpu = False
+
     def apply(self, layer, x: torch.Tensor, bias=None) -> torch.Tensor:
-        """x @ W.T (+ bias): the torch path, dequantize then matmul."""
-        return F.linear(x, self.dense(layer, x.dtype), bias)
+        """x @ W.T (+ bias)."""
+        if not (x.is_cuda or self.triton_on_cpu):
+            return F.linear(x, self.dense(layer, x.dtype), bias)
+        y = self.fused(layer, x)
+        return y if bias is None else y + bias
 
 
 class NF4Method(_Method):
@@ -236,10 +249,19 @@ class NF4Method(_Method):
         layer.nf4[shard_id] = [nf4_quantize(part, self.double) | {"shape": tuple(part.shape)}]
         return read
 
+    def states(self, layer) -> list[dict]:
+        """The layer's NF4 states in output-channel order."""
+        return [state for shard in (layer.shards if hasattr(layer, "shards") else [None]) for state in layer.nf4[shard]]
+
     def dense(self, layer, dtype) -> torch.Tensor:
-        order = layer.shards if hasattr(layer, "shards") else [None]
-        parts = [nf4_dequantize(state, state["shape"], dtype) for shard in order for state in layer.nf4[shard]]
+        parts = [nf4_dequantize(state, state["shape"], dtype) for state in self.states(layer)]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def fused(self, layer, x: torch.Tensor) -> torch.Tensor:
+        from shards.triton_quant import nf4_matmul
+
+        parts = [nf4_matmul(x, state) for state in self.states(layer)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, -1)
 
 
 # A pre-quantized NF4 weight's tensors as transformers' save_pretrained writes a bitsandbytes Linear4bit
@@ -335,10 +357,7 @@ class PrequantizedNF4Method(NF4Method):
 
 
 class GroupMethod(_Method):
-    """GPTQ and AWQ: integer codes with per-group scales and zero points, read as stored. On CUDA the matmul
-    is shards/triton_quant.py's fused kernel (`triton_on_cpu`: tests set it under Triton's interpreter)."""
-
-    triton_on_cpu = False
+    """GPTQ and AWQ: integer codes with per-group scales and zero points, read as stored."""
 
     def __init__(self, config: QuantConfig):
         self.config = config
@@ -366,15 +385,12 @@ class GroupMethod(_Method):
             p.weight_loader = loader
             setattr(layer, name, p)
 
-    def apply(self, layer, x: torch.Tensor, bias=None) -> torch.Tensor:
-        if not (x.is_cuda or self.triton_on_cpu):
-            return super().apply(layer, x, bias)
+    def fused(self, layer, x: torch.Tensor) -> torch.Tensor:
         from shards.triton_quant import group_matmul
 
         c = self.config
-        y = group_matmul(x, layer.qweight, layer.qzeros, layer.scales, getattr(layer, "g_idx", None),
-                         layer.group_size, c.bits, c.method == "awq")
-        return y if bias is None else y + bias
+        return group_matmul(x, layer.qweight, layer.qzeros, layer.scales, getattr(layer, "g_idx", None),
+                            layer.group_size, c.bits, c.method == "awq")
 
     def dense(self, layer, dtype) -> torch.Tensor:
         c = self.config
