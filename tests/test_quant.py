@@ -269,6 +269,10 @@ def test_our_nf4_checkpoint_loads_in_transformers_and_here_bit_for_bit(tmp_path)
         assert keys(our_state) == keys(state)
         qc = lambda d: json.loads((d / "config.json").read_text())["quantization_config"]  # noqa: E731
         assert qc(model_dir) == qc(saved)
+        raw = json.loads((model_dir / "config.json").read_text())
+        assert QuantConfig.resolve(raw, None).name == "bitsandbytes-nf4" + "-double" * double  # what ModelInfo says
+        with pytest.raises(ValueError, match="already quantized"):
+            QuantConfig.resolve(raw, "bitsandbytes-nf4")
         dense = _hf_nf4_dense(Qwen2ForCausalLM.from_pretrained(model_dir, device_map="cpu"))
         assert len(dense) == 2 * len(LINEARS)
         for tp in (1, 2):
