@@ -1,6 +1,7 @@
-"""4-bit weights (shards/quant.py): NF4 against bitsandbytes itself, GPTQ and AWQ unpacking against values
-packed by hand from each format's definition, and the served quantized model against transformers' Qwen2 on
-the same dequantized weights at several TP x PP layouts."""
+"""4-bit weights (shards/quant.py): NF4 against bitsandbytes itself (quantized at load time, and checkpoints
+saved pre-quantized by transformers + bitsandbytes or written by init-random in that format), GPTQ and AWQ
+unpacking against values packed by hand from each format's definition, and the served quantized model against
+transformers' Qwen2 on the same dequantized weights at several TP x PP layouts."""
 
 import json
 import subprocess
