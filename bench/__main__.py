@@ -9,6 +9,8 @@ and writes JSON. Targets are reported, never asserted.
 import argparse
 import asyncio
 import contextlib
+import json
+import math
 import os
 import shlex
 import tempfile
@@ -69,6 +71,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kv-cache-memory-gib", type=float, default=1.0, help="per rank")
     p.add_argument("--serve-args", default="", help="more `qwen2-cluster serve` flags, e.g. '--prefill-latency-factor 0'")
     p.add_argument("--quick", action="store_true", help="small sizes: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
+    p.add_argument("--quantization", choices=["gptq-int4", "gptq-int8", "awq", "nf4", "bitsandbytes-nf4"],
+                   help="also run the offline workload and the step probes at each TP size on the preset's weights "
+                        "in this format (the checkpoint `init-random --quantization` writes, group size 128 or the "
+                        "largest that every TP size splits whole; bitsandbytes-nf4: the float checkpoint quantized "
+                        "as each rank loads it), the floors from its weight bytes")
     p.add_argument("--json", default="bench/results.json")
     args = p.parse_args(argv)
     if args.quick:
@@ -187,6 +194,28 @@ def structured_workloads(args, model_dir, threads: int, errors: list) -> dict:
     return out
 
 
+def quantized_workloads(args, workdir: str, model_dir, limits: dict, threads: int, errors: list) -> dict:
+    """serve_workloads' offline workload and step probes on the quantized weights, at each TP size."""
+    config, extra = preset_config(args.preset), args.serve_args
+    if args.quantization == "bitsandbytes-nf4":
+        extra += " --quantization bitsandbytes-nf4"
+        config["quantization_config"] = {"quant_method": "bitsandbytes"}  # for the floors
+    else:
+        if args.quantization != "nf4":
+            sizes = [n // tp for tp in args.tp for n in (config["hidden_size"], config["intermediate_size"])]
+            config["quantization_config"] = {"group_size": math.gcd(128, *sizes)}
+        model_dir = write_random_checkpoint(os.path.join(workdir, args.quantization), config, seed=0,
+                                            quantization=args.quantization)
+        config = json.loads((model_dir / "config.json").read_text())
+    cost = floors.ModelCost(config)
+    run = argparse.Namespace(**vars(args) | {"workloads": ["offline", "floors"], "serve_args": extra})
+    out = {"quantization": args.quantization, "weight_bytes": cost.weight_bytes, "tp": {}}
+    for tp in args.tp:
+        out["tp"][str(tp)] = attempt(errors, f"{args.quantization} TP={tp}", lambda: serve_workloads(
+            run, model_dir, cost, limits, tp, threads, errors)) or {}
+    return out
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -207,6 +236,9 @@ def main(argv=None) -> dict:
         for tp in args.tp:
             results["tp"][str(tp)] = attempt(errors, f"TP={tp}", lambda: serve_workloads(
                 args, model_dir, cost, limits, tp, threads, errors)) or {}
+    if args.quantization:
+        results["quantized"] = attempt(errors, args.quantization, lambda: quantized_workloads(
+            args, workdir.name, model_dir, limits, threads, errors))
     if "prefix" in args.workloads:
         results["prefix"] = attempt(errors, "prefix", lambda: prefix_workloads(args, model_dir, threads, errors))
     if "structured" in args.workloads:

@@ -36,8 +36,22 @@ def bandwidth(mib: int = 512, repeats: int = 5) -> float:
     return 2 * src.numel() * 4 / best_seconds(lambda: dst.copy_(src), repeats)
 
 
+def bytes_per_weight(config: dict, itemsize: int) -> float:
+    """What one decoder linear weight takes as a rank holds it: `itemsize`, or in the config's
+    quantization_config 4 (or 8) bits plus its share of the group's float16 scale and packed zero point (GPTQ,
+    AWQ), or of its block's float32 absmax (bitsandbytes NF4, blocks of 64)."""
+    qc = config.get("quantization_config")
+    if not qc:
+        return itemsize
+    if qc["quant_method"] == "bitsandbytes":
+        return 0.5 + 4 / 64
+    bits, group = qc["bits"], qc["group_size"] if qc["group_size"] > 0 else config["hidden_size"]
+    return bits / 8 + (2 + bits / 8) / group
+
+
 class ModelCost:
-    """Bytes and FLOPs of the Qwen2 in a config.json dict."""
+    """Bytes and FLOPs of the Qwen2 in a config.json dict (the LM head in the checkpoint's dtype, the decoder's
+    linears as its quantization_config holds them)."""
 
     def __init__(self, config: dict):
         h, heads, kv_heads = config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"]
@@ -48,11 +62,12 @@ class ModelCost:
         self.body_params = self.layers * layer
         self.head_params = config["vocab_size"] * h
         self.itemsize = torch.empty((), dtype=DTYPES[config.get("torch_dtype", "float32")]).element_size()
+        self.body_bytes = round(self.body_params * bytes_per_weight(config, self.itemsize))
 
     @property
     def weight_bytes(self) -> int:
         """Weight matrices one decode step reads (every layer and the LM head)."""
-        return (self.body_params + self.head_params) * self.itemsize
+        return self.body_bytes + self.head_params * self.itemsize
 
     def attention_flops(self, queries: int, context: int) -> int:
         """Scores and weighted sum for `queries` tokens each attending to `context` tokens."""

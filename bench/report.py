@@ -29,20 +29,10 @@ def targets(r: dict) -> list[tuple[str, float, str, bool]]:
     rows = []
     best = r.get("baseline", {}).get("best", {}).get("tokens_per_s")
     for tp, layout in r.get("tp", {}).items():
-        if best and "offline" in layout:
-            ratio = layout["offline"]["tokens_per_s"] / best
-            rows.append((f"offline throughput / best baseline, TP={tp}", ratio, ">= 2x", ratio >= 2))
-        for probe in layout.get("decode", []):
-            ratio = probe["step_s"] / probe["floor"]["floor_s"]
-            rows.append((f"decode step / floor, batch {probe['batch']}, TP={tp}", ratio, "<= 1.5x", ratio <= 1.5))
-        if layout.get("decode"):
-            share = layout["decode"][-1]["overhead_share"]
-            rows.append((f"control overhead share of step, batch {layout['decode'][-1]['batch']}, TP={tp}",
-                         share, "<= 5%", share <= 0.05))
-        if "collectives" in layout:
-            per_layer = layout["collectives"]["all_reduce_per_layer"]
-            rows.append((f"all-reduces of the hidden states per layer (beside the embedding's one per step), "
-                         f"TP={tp}", per_layer, "= 2", per_layer == 2))
+        rows += _layout_targets(f"TP={tp}", layout, best)
+    quantized = r.get("quantized") or {}
+    for tp, layout in quantized.get("tp", {}).items():  # against their own floors (4-bit weight bytes)
+        rows += _layout_targets(f"TP={tp}, {quantized['quantization']}", layout, None)
     runs = r.get("prefix", {})
     if all(runs.get(m, {}).get("shared") for m in ("on", "off")):
         ratio = float(runs["off"]["shared"]["ttft"]["p50_ms"] / runs["on"]["shared"]["ttft"]["p50_ms"])
@@ -59,6 +49,25 @@ def targets(r: dict) -> list[tuple[str, float, str, bool]]:
     if "long" in r:
         ratio = r["long"]["ratio"]
         rows.append(("long: short streams' ITL p99 during / without the long prefill", ratio, "<= 2x", ratio <= 2))
+    return rows
+
+
+def _layout_targets(label: str, layout: dict, best: float | None) -> list:
+    rows = []
+    if best and "offline" in layout:
+        ratio = layout["offline"]["tokens_per_s"] / best
+        rows.append((f"offline throughput / best baseline, {label}", ratio, ">= 2x", ratio >= 2))
+    for probe in layout.get("decode", []):
+        ratio = probe["step_s"] / probe["floor"]["floor_s"]
+        rows.append((f"decode step / floor, batch {probe['batch']}, {label}", ratio, "<= 1.5x", ratio <= 1.5))
+    if layout.get("decode"):
+        share = layout["decode"][-1]["overhead_share"]
+        rows.append((f"control overhead share of step, batch {layout['decode'][-1]['batch']}, {label}",
+                     share, "<= 5%", share <= 0.05))
+    if "collectives" in layout:
+        per_layer = layout["collectives"]["all_reduce_per_layer"]
+        rows.append((f"all-reduces of the hidden states per layer (beside the embedding's one per step), "
+                     f"{label}", per_layer, "= 2", per_layer == 2))
     return rows
 
 
@@ -84,34 +93,13 @@ def figures(r: dict) -> list[tuple[str, str]]:
             rows.append((f"baseline generate(), batch {row['batch_size']} ({row['requests']} requests)",
                          f"{row['tokens_per_s']:,.1f} tok/s"))
     for tp, layout in r.get("tp", {}).items():
-        if "offline" in layout:
-            o = layout["offline"]
-            rows.append((f"offline, TP={tp} ({o['requests']} requests, {o['generated_tokens']:,} tokens)",
-                         f"{o['tokens_per_s']:,.1f} tok/s"))
-        if "online" in layout:
-            o = layout["online"]
-            for name in ("ttft", "itl", "e2e"):
-                rows.append((f"online, TP={tp}, {o['rate_per_s']:.2f} req/s: {name.upper()} p50 / p99",
-                             f"{_ms(o[name]['p50_ms'] / 1e3)} / {_ms(o[name]['p99_ms'] / 1e3)}"))
-        for p in layout.get("decode", []):
-            rows.append((f"decode step, batch {p['batch']}, TP={tp}: step / forward / floor ({p['floor']['bound']})",
-                         f"{_ms(p['step_s'])} / {_ms(p['forward_s'])} / {_ms(p['floor']['floor_s'])}"))
-            rows.append(("  outside the forward: schedule / execute - forward / detokenize / rest",
-                         " / ".join(_ms(s) for s in (p["schedule_s"], p["execute_s"] - p["forward_s"],
-                                                      p["detokenize_s"], p["step_s"] - p["schedule_s"]
-                                                      - p["execute_s"] - p["detokenize_s"]))))
-            rows.append(("  inside the forward: sampling (share of the step)",
-                         f"{_ms(p['sample_s'])} ({p['sample_s'] / p['step_s']:.0%})"))
-        if "prefill" in layout:
-            p = layout["prefill"]
-            rows.append((f"prefill {p['tokens']} tokens, TP={tp}: TTFT / forward / floor",
-                         f"{_ms(p['ttft_s'])} / {_ms(p['forward_s'])} / {_ms(p['floor']['floor_s'])}"))
-        if "collectives" in layout:
-            c = layout["collectives"]
-            calls = ", ".join(f"{k} {v:g}" for k, v in sorted(c["rank0_per_step"].items()) if not k.endswith(".bytes"))
-            sizes = ", ".join(f"{k[:-6]} {v / 2**10:,.0f} KiB" for k, v in sorted(c["rank0_per_step"].items())
-                              if k.endswith(".bytes"))
-            rows.append((f"collectives per decode step, batch {c['batch']}, TP={tp}, rank 0", f"{calls}; {sizes}"))
+        rows += _layout_figures(f"TP={tp}", layout)
+    quantized = r.get("quantized") or {}
+    if quantized:
+        fmt = quantized["quantization"]
+        rows.append((f"weight matrices read per decode step, {fmt}", f"{quantized['weight_bytes'] / 2**20:,.1f} MiB"))
+    for tp, layout in quantized.get("tp", {}).items():
+        rows += _layout_figures(f"TP={tp}, {fmt}", layout)
     prefix_runs = r.get("prefix", {})
     for mode in ("on", "off"):
         for name, w in prefix_runs.get(mode, {}).items():
@@ -137,6 +125,40 @@ def figures(r: dict) -> list[tuple[str, str]]:
         rows.append((f"long: {lg['long_prompt_tokens']:,}-token prompt ({lg['long_rope_variant']}), {lg['streams']} "
                      f"streams: ITL p99 without / during; TTFT",
                      f"{lg['itl_p99_ms_without']:,.1f} ms / {lg['itl_p99_ms_during']:,.1f} ms; {lg['long_ttft_s']} s"))
+    return rows
+
+
+def _layout_figures(label: str, layout: dict) -> list[tuple[str, str]]:
+    """One server's figures; `label` names its TP size (and quantization)."""
+    rows = []
+    if "offline" in layout:
+        o = layout["offline"]
+        rows.append((f"offline, {label} ({o['requests']} requests, {o['generated_tokens']:,} tokens)",
+                     f"{o['tokens_per_s']:,.1f} tok/s"))
+    if "online" in layout:
+        o = layout["online"]
+        for name in ("ttft", "itl", "e2e"):
+            rows.append((f"online, {label}, {o['rate_per_s']:.2f} req/s: {name.upper()} p50 / p99",
+                         f"{_ms(o[name]['p50_ms'] / 1e3)} / {_ms(o[name]['p99_ms'] / 1e3)}"))
+    for p in layout.get("decode", []):
+        rows.append((f"decode step, batch {p['batch']}, {label}: step / forward / floor ({p['floor']['bound']})",
+                     f"{_ms(p['step_s'])} / {_ms(p['forward_s'])} / {_ms(p['floor']['floor_s'])}"))
+        rows.append(("  outside the forward: schedule / execute - forward / detokenize / rest",
+                     " / ".join(_ms(s) for s in (p["schedule_s"], p["execute_s"] - p["forward_s"],
+                                                  p["detokenize_s"], p["step_s"] - p["schedule_s"]
+                                                  - p["execute_s"] - p["detokenize_s"]))))
+        rows.append(("  inside the forward: sampling (share of the step)",
+                     f"{_ms(p['sample_s'])} ({p['sample_s'] / p['step_s']:.0%})"))
+    if "prefill" in layout:
+        p = layout["prefill"]
+        rows.append((f"prefill {p['tokens']} tokens, {label}: TTFT / forward / floor",
+                     f"{_ms(p['ttft_s'])} / {_ms(p['forward_s'])} / {_ms(p['floor']['floor_s'])}"))
+    if "collectives" in layout:
+        c = layout["collectives"]
+        calls = ", ".join(f"{k} {v:g}" for k, v in sorted(c["rank0_per_step"].items()) if not k.endswith(".bytes"))
+        sizes = ", ".join(f"{k[:-6]} {v / 2**10:,.0f} KiB" for k, v in sorted(c["rank0_per_step"].items())
+                          if k.endswith(".bytes"))
+        rows.append((f"collectives per decode step, batch {c['batch']}, {label}, rank 0", f"{calls}; {sizes}"))
     return rows
 
 

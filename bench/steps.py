@@ -46,7 +46,8 @@ async def decode_step(target: str, metrics_url: str, batch: int, prompt_tokens: 
         async for delta in client.generate_stream(**params(requests[i])):
             counts[i] += len(delta.token_ids)
             # Stream 0 (first admitted, so first to finish) marks the window, right after a step's tokens.
-            if i == 0 and min(counts) > 0 and (not marks or counts[0] - marks[0][2] >= steps):
+            # Two marks only: tokens can still arrive between the second and the cancellation.
+            if i == 0 and min(counts) > 0 and len(marks) < 2 and (not marks or counts[0] - marks[0][2] >= steps):
                 marks.append((time.perf_counter(), scrape(metrics_url), counts[0]))
                 if len(marks) == 2:
                     done.set()

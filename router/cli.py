@@ -27,6 +27,10 @@ def init_random(args) -> None:
     config = preset_config(args.preset)
     if args.config:
         config.update(json.loads(Path(args.config).read_text()))
+    if args.quant_double:
+        if args.quantization != "nf4":
+            raise SystemExit("init-random: --quant-double goes with --quantization nf4")
+        config["quantization_config"] = config.get("quantization_config", {}) | {"bnb_4bit_use_double_quant": True}
 
     def progress(done, total):
         print(f"\r{done / 2**20:,.0f} / {total / 2**20:,.0f} MiB", end="", file=sys.stderr, flush=True)
@@ -209,8 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--max-shard-gib", type=float, default=2.0)
-    p.add_argument("--quantization", choices=["gptq-int4", "gptq-int8", "awq"],
-                   help="write the decoder's linear weights pre-quantized in that on-disk format")
+    p.add_argument("--quantization", choices=["gptq-int4", "gptq-int8", "awq", "nf4"],
+                   help="write the decoder's linear weights pre-quantized in that on-disk format (nf4: as "
+                        "transformers saves a bitsandbytes load_in_4bit model)")
+    p.add_argument("--quant-double", action="store_true",
+                   help="nf4: double quantization (bnb_4bit_use_double_quant)")
     p.set_defaults(run=init_random)
 
     p = sub.add_parser("generate", help="generate from a prompt through the Ray engine (no gRPC server)")

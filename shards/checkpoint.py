@@ -112,12 +112,23 @@ QUANTIZATIONS = {
     "gptq-int8": {"quant_method": "gptq", "bits": 8, "group_size": 128, "desc_act": False, "sym": True,
                   "damp_percent": 0.01, "static_groups": False, "true_sequential": True, "checkpoint_format": "gptq"},
     "awq": {"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemm", "zero_point": True},
+    # As transformers' save_pretrained writes a BitsAndBytesConfig(load_in_4bit=True, nf4) model (compute dtype:
+    # the checkpoint's); bnb_4bit_use_double_quant true in --config's quantization_config double-quantizes.
+    "nf4": {"_load_in_4bit": True, "_load_in_8bit": False, "bnb_4bit_compute_dtype": None,
+            "bnb_4bit_quant_storage": "uint8", "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": False,
+            "llm_int8_enable_fp32_cpu_offload": False, "llm_int8_has_fp16_weight": False,
+            "llm_int8_skip_modules": None, "llm_int8_threshold": 6.0, "load_in_4bit": True, "load_in_8bit": False,
+            "quant_method": "bitsandbytes"},
 }
 QUANTIZED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def _quantized_specs(specs, qc: dict) -> list:
-    """Each decoder linear's `.weight` [out, in] replaced by the format's tensors (see shards/quant.py)."""
+    """Each decoder linear's `.weight` [out, in] replaced by the format's tensors (see shards/quant.py); NF4
+    keeps the float spec (kind "nf4"), quantized as it is generated."""
+    if qc["quant_method"] == "bitsandbytes":
+        return [(name, shape, "nf4" if name.endswith(".weight") and name.split(".")[-2] in QUANTIZED else kind)
+                for name, shape, kind in specs]
     bits, method = qc["bits"], qc["quant_method"]
     pack = 32 // bits
     out = []
@@ -165,6 +176,30 @@ def _random_quantized(shape, kind, std, gen, qc: dict) -> torch.Tensor:
     return pack(values, bits, dim, AWQ_ORDER if method == "awq" else None)
 
 
+def _nf4_tensors(name: str, w: torch.Tensor, qc: dict) -> dict[str, torch.Tensor]:
+    """A float weight as transformers saves a bitsandbytes Linear4bit: `name` and its `name.*` parts."""
+    from shards.quant import NF4_BLOCK, NF4_CODE, NF4_DOUBLE_BLOCK, dynamic_map, nf4_quantize
+
+    double = bool(qc.get("bnb_4bit_use_double_quant"))
+    state = nf4_quantize(w, double)
+    dtype = next(k for k, v in DTYPES.items() if v == w.dtype)
+    meta = {"quant_type": "nf4", "blocksize": NF4_BLOCK, "dtype": dtype, "shape": list(w.shape)}
+    out = {name: state["weight"].view(-1, 1), name + ".absmax": state["absmax"], name + ".quant_map": NF4_CODE.clone()}
+    if double:
+        meta |= {"nested_blocksize": NF4_DOUBLE_BLOCK, "nested_dtype": "float32",
+                 "nested_offset": state["offset"].item()}
+        out |= {name + ".nested_absmax": state["absmax2"], name + ".nested_quant_map": dynamic_map().clone()}
+    out[name + ".quant_state.bitsandbytes__nf4"] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
+    return out
+
+
+def _random_tensors(name, shape, kind, std, gen, dtype, qc=None) -> dict[str, torch.Tensor]:
+    """The tensor(s) a spec stands for: one, or a pre-quantized NF4 weight's parts."""
+    if kind == "nf4":
+        return _nf4_tensors(name, _random_tensor(shape, "matrix", std, gen, dtype), qc)
+    return {name: _random_tensor(shape, kind, std, gen, dtype, qc)}
+
+
 def _random_tensor(shape, kind, std, gen, dtype, qc=None):
     """Biases and norms are visibly non-default so a loader that skips them fails checks."""
     if kind in ("qweight", "qzeros", "scales", "g_idx"):
@@ -179,15 +214,18 @@ def _random_tensor(shape, kind, std, gen, dtype, qc=None):
     return x.to(dtype)
 
 
-def _itemsize(kind: str, itemsize: int) -> int:
-    return {"qweight": 4, "qzeros": 4, "g_idx": 4, "scales": 2}.get(kind, itemsize)
+def _nbytes(shape, kind: str, itemsize: int) -> int:
+    """About what a spec writes (NF4: half a byte a weight, 4 bytes of absmax a block of 64)."""
+    if kind == "nf4":
+        return math.prod(shape) // 2 + math.prod(shape) // 16
+    return {"qweight": 4, "qzeros": 4, "g_idx": 4, "scales": 2}.get(kind, itemsize) * math.prod(shape)
 
 
 def _plan_shards(specs, itemsize, max_shard_bytes):
     """Greedy split in order; a tensor larger than the limit gets a shard of its own."""
     shards, size = [[]], 0
     for spec in specs:
-        nbytes = _itemsize(spec[2], itemsize) * math.prod(spec[1])
+        nbytes = _nbytes(spec[1], spec[2], itemsize)
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
@@ -241,6 +279,8 @@ def write_random_checkpoint(out_dir, config: dict, *, seed: int = 0, dtype: str 
         if quantization not in QUANTIZATIONS:
             raise ValueError(f"unknown quantization {quantization!r}; valid: {', '.join(QUANTIZATIONS)}")
         config["quantization_config"] = QUANTIZATIONS[quantization] | config.get("quantization_config", {})
+        if quantization == "nf4":
+            config["quantization_config"]["bnb_4bit_compute_dtype"] = dtype
     qc = config.get("quantization_config")
     _write_json(out / "config.json", config)
     _write_json(out / "generation_config.json", _generation_config(config))
@@ -253,21 +293,23 @@ def write_random_checkpoint(out_dir, config: dict, *, seed: int = 0, dtype: str 
     if qc:
         specs = _quantized_specs(specs, qc)
     shards = _plan_shards(specs, itemsize, max_shard_bytes)
-    total = sum(_itemsize(kind, itemsize) * math.prod(shape) for _, shape, kind in specs)
+    total = sum(_nbytes(shape, kind, itemsize) for _, shape, kind in specs)
     std = config.get("initializer_range", 0.02)
     gen = torch.Generator().manual_seed(seed)
 
     weight_map, written = {}, 0
     for i, shard in enumerate(shards, 1):
         fname = "model.safetensors" if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {name: _random_tensor(shape, kind, std, gen, torch_dtype, qc) for name, shape, kind in shard}
+        tensors = {}
+        for name, shape, kind in shard:
+            tensors |= _random_tensors(name, shape, kind, std, gen, torch_dtype, qc)
         save_file(tensors, out / fname, metadata={"format": "pt"})
         written += sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map.update((name, fname) for name in tensors)
         del tensors  # free this shard before generating the next
-        weight_map.update((name, fname) for name, _, _ in shard)
         if progress is not None:
             progress(written, total)
     if len(shards) > 1:
         _write_json(out / "model.safetensors.index.json",
-                    {"metadata": {"total_size": total}, "weight_map": weight_map})
+                    {"metadata": {"total_size": written}, "weight_map": weight_map})
     return out

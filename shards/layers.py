@@ -59,7 +59,7 @@ class ColumnParallelLinear(nn.Module):
 
     `shards` lists the checkpoint tensors fused into this one, as (shard id, full rows, row ranges
     (first, count) read on this rank), laid out one after another in the local weight. With `quant` (a
-    shards.quant method) the weight is stored quantized and dequantized for the matmul.
+    shards.quant method) the weight is stored quantized and the method does the matmul.
     """
 
     def __init__(self, in_features: int, shards: list, bias: bool, dtype=torch.float32, quant=None):
@@ -102,7 +102,7 @@ class ColumnParallelLinear(nn.Module):
         return parts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight if self.quant is None else self.quant.dense(self, x.dtype), self.bias)
+        return F.linear(x, self.weight, self.bias) if self.quant is None else self.quant.apply(self, x, self.bias)
 
 
 def split(total: int, groups: ParallelGroups) -> tuple[int, int]:
@@ -183,8 +183,8 @@ class RowParallelLinear(nn.Module):
         return read_slice(source, expected, dim, self.first // div, self.local // div)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight if self.quant is None else self.quant.dense(self, x.dtype)
-        return all_reduce(F.linear(x, weight), self.groups)
+        y = F.linear(x, self.weight) if self.quant is None else self.quant.apply(self, x)
+        return all_reduce(y, self.groups)
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -143,6 +143,7 @@ class Qwen2Stage(nn.Module):
         for i, layer in zip(self.layer_range, self.layers):
             for local_name, param in layer.named_parameters():
                 module, kind = local_name.rsplit(".", 1)
+                kind = getattr(param, "checkpoint_name", kind)  # a pre-quantized NF4 weight's "weight.absmax", ...
                 for checkpoint_module, shard_id in FUSED.get(module, [(module, None)]):
                     add(f"model.layers.{i}.{checkpoint_module}.{kind}", param, shard_id)
         return targets

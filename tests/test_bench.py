@@ -4,8 +4,10 @@ the harness, never asserted here."""
 
 import json
 
+import pytest
 from safetensors.torch import load_file
 
+from bench import floors
 from bench.__main__ import main
 from shards.checkpoint import preset_config, write_random_checkpoint
 
@@ -84,3 +86,21 @@ def test_bench_prefix_workloads_counts_and_hits(tmp_path):
     assert r["prefix"]["on"]["shared"]["hit_ratio"] > 0.5 and r["prefix"]["on"]["chat"]["hit_ratio"] > 0.3
     assert r["prefix"]["off"]["shared"]["hit_ratio"] == r["prefix"]["off"]["chat"]["hit_ratio"] == 0
     assert any(t["figure"].startswith("prefix: shared-prompt TTFT") for t in r["targets"])
+
+
+@pytest.mark.parametrize("fmt", ["gptq-int4", "gptq-int8", "awq", "nf4"])
+def test_quantized_floors_read_the_quantized_weight_bytes(tmp_path, fmt):
+    """`--quantization`'s floors: ModelCost of a quantized checkpoint's config.json counts exactly the bytes a
+    rank holds of its files' decoder linears (codes, scales and zero points, or NF4 codes and absmax; GPTQ's g_idx
+    is not read without desc_act) plus the float LM head. (`python -m bench --quantization` itself is run by hand:
+    another server per TP size is too slow for the suite.)"""
+    config = preset_config("tiny") | ({} if fmt == "nf4" else {"quantization_config": {"group_size": 32}})
+    model_dir = write_random_checkpoint(tmp_path, config, quantization=fmt)
+    tensors = {}
+    for f in model_dir.glob("*.safetensors"):
+        tensors |= load_file(f)
+    skipped = (".g_idx", ".bias", "norm.weight", ".quant_map", ".quant_state.bitsandbytes__nf4")
+    held = sum(nbytes(t) for name, t in tensors.items() if name.startswith("model.layers.")
+               and not name.endswith(skipped))
+    head = tensors.get("lm_head.weight", tensors["model.embed_tokens.weight"])
+    assert floors.ModelCost(json.loads((model_dir / "config.json").read_text())).weight_bytes == held + nbytes(head)

@@ -1,6 +1,7 @@
-"""4-bit weights (shards/quant.py): NF4 against bitsandbytes itself, GPTQ and AWQ unpacking against values
-packed by hand from each format's definition, and the served quantized model against transformers' Qwen2 on
-the same dequantized weights at several TP x PP layouts."""
+"""4-bit weights (shards/quant.py): NF4 against bitsandbytes itself (quantized at load time, and checkpoints
+saved pre-quantized by transformers + bitsandbytes or written by init-random in that format), GPTQ and AWQ
+unpacking against values packed by hand from each format's definition, and the served quantized model against
+transformers' Qwen2 on the same dequantized weights at several TP x PP layouts."""
 
 import json
 import subprocess
@@ -113,7 +114,7 @@ def _dequantized_checkpoint(model_dir, out_dir, dense: dict) -> None:
     for path in model_dir.glob("*.safetensors"):
         with safe_open(path, "pt") as f:
             tensors.update({k: f.get_tensor(k) for k in f.keys()})
-    keep = {k: v for k, v in tensors.items() if not k.rsplit(".", 2)[-2] in LINEARS or k.endswith(".bias")}
+    keep = {k: v for k, v in tensors.items() if not set(k.split(".")) & set(LINEARS) or k.endswith(".bias")}
     out_dir.mkdir()
     save_file(keep | dense, out_dir / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((model_dir / "config.json").read_text())
@@ -138,20 +139,43 @@ def _nf4_dense(model_dir, tp: int, double: bool) -> dict:
                      "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}.get(name, (name, None))
             parts = []
             for stage in stages:
-                state = getattr(getattr(stage.layers[i], module), fused[0]).nf4[fused[1]]
+                [state] = getattr(getattr(stage.layers[i], module), fused[0]).nf4[fused[1]]
                 parts.append(_bnb_dequantize(state, state["shape"]))
             dense[f"model.layers.{i}.{module}.{name}.weight"] = torch.cat(parts, 1 if name in ROW_PARALLEL else 0)
     return dense
 
 
-CASES = [("nf4", 1, 1), ("nf4-double", 2, 1), ("gptq-int4", 2, 1), ("gptq-int4", 4, 1), ("gptq-int4", 1, 2),
-         ("gptq-int8", 1, 1), ("gptq-int4-desc-act", 2, 1), ("awq", 1, 1), ("awq", 2, 1), ("awq", 1, 2)]
+def _bnb_saved(float_dir, out_dir, double: bool) -> dict:
+    """The float checkpoint loaded by transformers with BitsAndBytesConfig(load_in_4bit, nf4) on CPU and saved
+    by its save_pretrained (bitsandbytes' pre-quantized format); returns its linears dequantized by
+    bitsandbytes (float32)."""
+    hf = Qwen2ForCausalLM.from_pretrained(float_dir, dtype=torch.float32, device_map="cpu", quantization_config=(
+        BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double,
+                           bnb_4bit_compute_dtype=torch.float32)))
+    hf.save_pretrained(out_dir)
+    return _hf_nf4_dense(hf)
+
+
+def _hf_nf4_dense(hf) -> dict:
+    return {f"{name}.weight": bnb.dequantize_4bit(m.weight.data, m.weight.quant_state)
+            for name, m in hf.named_modules() if name.rsplit(".", 1)[-1] in LINEARS}
+
+
+CASES = [("nf4", 1, 1), ("nf4-double", 2, 1), ("nf4-saved", 1, 1), ("nf4-saved-double", 2, 1),
+         ("gptq-int4", 2, 1), ("gptq-int4", 4, 1), ("gptq-int4", 1, 2), ("gptq-int8", 1, 1),
+         ("gptq-int4-desc-act", 2, 1), ("awq", 1, 1), ("awq", 2, 1), ("awq", 1, 2)]
 
 
 @pytest.mark.parametrize("fmt,tp,pp", CASES)
 def test_quantized_logits_match_transformers_on_dequantized_weights(tmp_path, fmt, tp, pp):
     config = preset_config("tiny") | CONFIG
-    if fmt.startswith("nf4"):
+    if fmt.startswith("nf4-saved"):  # pre-quantized by transformers + bitsandbytes (TP 2: o_proj's rows split
+        # mid-block, each rank keeping whole blocks)
+        float_dir = write_random_checkpoint(tmp_path / "float", config, seed=7)
+        model_dir = tmp_path / "model"
+        dense = _bnb_saved(float_dir, model_dir, fmt.endswith("double"))
+        worker_args = {}
+    elif fmt.startswith("nf4"):
         model_dir = write_random_checkpoint(tmp_path / "model", config, seed=7, max_shard_bytes=300_000)
         worker_args = {"quantization": "bitsandbytes-nf4", "quant_double": fmt == "nf4-double"}
         dense = _nf4_dense(model_dir, tp, fmt == "nf4-double")
@@ -216,6 +240,94 @@ def test_nf4_weights_equal_transformers_bitsandbytes_load(tmp_path):
     assert (ours[0] - expected).abs().max().item() < 1e-2
 
 
+def test_our_nf4_checkpoint_loads_in_transformers_and_here_bit_for_bit(tmp_path):
+    """`init-random --quantization nf4 [--quant-double]` writes what transformers' save_pretrained writes
+    (tensor names, dtypes, shapes, quant_state JSON, quantization_config), so transformers loads it unchanged;
+    each linear that bitsandbytes dequantizes from it equals what our TP-1 and TP-2 ranks dequantize, bit for
+    bit."""
+    overrides = tmp_path / "overrides.json"
+    overrides.write_text(json.dumps(CONFIG | {"num_hidden_layers": 2}))
+    float_dir = write_random_checkpoint(tmp_path / "float", preset_config("tiny") | CONFIG | {"num_hidden_layers": 2})
+    for double in (False, True):
+        model_dir = tmp_path / f"nf4-{double}"
+        subprocess.run([sys.executable, "-m", "router.cli", "init-random", "--preset", "tiny", "--config",
+                        str(overrides), "--quantization", "nf4", "--out", str(model_dir), "--max-shard-gib", "0.0002"]
+                       + ["--quant-double"] * double, check=True, capture_output=True, timeout=120)
+        saved = tmp_path / f"saved-{double}"
+        _bnb_saved(float_dir, saved, double)
+        with safe_open(saved / "model.safetensors", "pt") as f:
+            theirs = {k: (f.get_tensor(k).dtype, f.get_tensor(k).shape) for k in f.keys()}
+            state = bytes(f.get_tensor("model.layers.0.mlp.down_proj.weight.quant_state.bitsandbytes__nf4").tolist())
+        ours = {}
+        for path in model_dir.glob("*.safetensors"):
+            with safe_open(path, "pt") as f:
+                ours |= {k: (f.get_tensor(k).dtype, f.get_tensor(k).shape) for k in f.keys()}
+                if "model.layers.0.mlp.down_proj.weight.quant_state.bitsandbytes__nf4" in f.keys():
+                    our_state = bytes(f.get_slice(
+                        "model.layers.0.mlp.down_proj.weight.quant_state.bitsandbytes__nf4")[:].tolist())
+        assert ours == theirs
+        keys = lambda raw: list(json.loads(raw)) if raw else None  # noqa: E731
+        assert keys(our_state) == keys(state)
+        qc = lambda d: json.loads((d / "config.json").read_text())["quantization_config"]  # noqa: E731
+        assert qc(model_dir) == qc(saved)
+        raw = json.loads((model_dir / "config.json").read_text())
+        assert QuantConfig.resolve(raw, None).name == "bitsandbytes-nf4" + "-double" * double  # what ModelInfo says
+        with pytest.raises(ValueError, match="already quantized"):
+            QuantConfig.resolve(raw, "bitsandbytes-nf4")
+        dense = _hf_nf4_dense(Qwen2ForCausalLM.from_pretrained(model_dir, device_map="cpu"))
+        assert len(dense) == 2 * len(LINEARS)
+        for tp in (1, 2):
+            stages = [Qwen2Stage(Qwen2Config.from_pretrained(model_dir), ParallelGroups(tp_rank=r, tp_size=tp),
+                                 quant=QuantConfig.resolve(json.loads((model_dir / "config.json").read_text()), None))
+                      for r in range(tp)]
+            for stage in stages:
+                loader.load_weights(stage.checkpoint_targets(), model_dir)
+            for i in range(2):
+                for module, name, parts in (("self_attn", "qkv_proj", ("q_proj", "k_proj", "v_proj")),
+                                            ("self_attn", "o_proj", ("o_proj",)), ("mlp", "down_proj", ("down_proj",)),
+                                            ("mlp", "gate_up_proj", ("gate_proj", "up_proj"))):
+                    layers = [getattr(getattr(s.layers[i], module), name) for s in stages]
+                    got = [layer.quant.dense(layer, torch.float32) for layer in layers]
+                    full = [dense[f"model.layers.{i}.{module}.{p}.weight"] for p in parts]
+                    if name in ROW_PARALLEL:
+                        assert torch.equal(torch.cat(got, 1), full[0])
+                    else:
+                        for r in range(tp):
+                            assert torch.equal(got[r], torch.cat([w.chunk(tp)[r] for w in full]))
+
+
+@pytest.mark.parametrize("double", [False, True])
+def test_prequantized_nf4_slices_keep_whole_blocks(double):
+    """Rows of 40 (not whole blocks of 64): a column-parallel slice of rows [7, 18) starts and ends mid-block and
+    keeps the blocks around it; a row-parallel slice of rows of 192 starting at column 96 keeps two blocks of
+    each row; both dequantize to exactly bitsandbytes' weight's slice. A row-parallel split of rows of 40
+    is refused."""
+    from shards.layers import ColumnParallelLinear, RowParallelLinear
+    from shards.quant import linear_method
+
+    method = linear_method(QuantConfig("bitsandbytes-nf4", double=double, prequantized=True))
+
+    def fill(layer, w):
+        q, state = bnb.quantize_4bit(w, blocksize=64, compress_statistics=double, quant_type="nf4")
+        parts = {k.removeprefix("weight."): v for k, v in state.as_dict(packed=True).items()} | {"weight": q}
+        for param in layer.parameters():
+            param.weight_loader(param, parts[param.checkpoint_name.removeprefix("weight.")],
+                                "w" if hasattr(layer, "shards") else None)
+        return bnb.dequantize_4bit(q, state)
+
+    w = torch.randn(30, 40, generator=torch.Generator().manual_seed(1))
+    column = ColumnParallelLinear(40, [("w", 30, [(7, 11)])], bias=False, quant=method)
+    full = fill(column, w)
+    assert column.nf4["w"][0]["skip"] == 7 * 40 % 64 and torch.equal(method.dense(column, torch.float32), full[7:18])
+    w = torch.randn(24, 192, generator=torch.Generator().manual_seed(2))
+    row = RowParallelLinear(192, 24, ParallelGroups(tp_rank=1, tp_size=2), quant=method)
+    full = fill(row, w)
+    assert row.nf4[None][0]["skip"] == 32 and torch.equal(method.dense(row, torch.float32), full[:, 96:])
+    row = RowParallelLinear(40, 24, ParallelGroups(tp_rank=1, tp_size=2), quant=method)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=2.*\[20, 40\) of 40.*whole blocks of 64"):
+        fill(row, torch.randn(24, 40))
+
+
 def test_a_row_split_inside_a_group_is_refused(tmp_path):
     """MLP 96 in groups of 32 at TP 2: down_proj's 48 input channels a rank would split a group (as Qwen2-72B's
     29,568 at TP 8 would; its quantized checkpoints pad to 29,696)."""
@@ -247,8 +359,8 @@ PEAK_SCRIPT = textwrap.dedent("""
     stage = Qwen2Stage(Qwen2Config.from_pretrained(sys.argv[1]), ParallelGroups(),
                        quant=QuantConfig("bitsandbytes-nf4", double=True))
     read = loader.load_weights(stage.checkpoint_targets(), sys.argv[1], progress)
-    tensors = [p for p in stage.parameters()] + [t for m in stage.modules() for s in getattr(m, "nf4", {}).values()
-                                                  for t in s.values() if hasattr(t, "numel")]
+    tensors = [p for p in stage.parameters()] + [t for m in stage.modules() for ss in getattr(m, "nf4", {}).values()
+                                                  for s in ss for t in s.values() if hasattr(t, "numel")]
     held = sum(t.numel() * t.element_size() for t in tensors)
     print(json.dumps(dict(anon=peak - base, held=held, read=read)))
 """)
