@@ -22,11 +22,12 @@ def demo_checkpoint() -> Path:
 
 
 def init_random(args) -> None:
-    from shards.checkpoint import preset_config, write_random_checkpoint
+    from shards.checkpoint import preset_config, with_architecture, write_random_checkpoint
 
     config = preset_config(args.preset)
     if args.config:
         config.update(json.loads(Path(args.config).read_text()))
+    config = with_architecture(config, args.architecture, args.num_labels)
 
     def progress(done, total):
         print(f"\r{done / 2**20:,.0f} / {total / 2**20:,.0f} MiB", end="", file=sys.stderr, flush=True)
@@ -211,6 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-gib", type=float, default=2.0)
     p.add_argument("--quantization", choices=["gptq-int4", "gptq-int8", "awq"],
                    help="write the decoder's linear weights pre-quantized in that on-disk format")
+    p.add_argument("--architecture", default="Qwen2ForCausalLM",
+                   help="the transformers class to write: Qwen2ForCausalLM, Qwen2ForSequenceClassification, "
+                        "Qwen2ForTokenClassification, Qwen2ForQuestionAnswering or Qwen2Model (no head: embeddings)")
+    p.add_argument("--num-labels", type=int, default=2, help="the classification heads' outputs")
     p.set_defaults(run=init_random)
 
     p = sub.add_parser("generate", help="generate from a prompt through the Ray engine (no gRPC server)")
