@@ -127,3 +127,172 @@ def test_heads_match_transformers(heads, tp, pp):
     print(f"tp={tp} pp={pp}: max |ours - transformers| " + ", ".join(f"{k} {v:.2g}" for k, v in worst.items()))
     assert max(worst.values()) <= TOLERANCE, worst
     assert {"classify", "token_classify", "qa", "embed last", "embed mean", "classify (no pad_token_id)"} <= set(worst)
+
+
+# -- served: gRPC, the SDK, HTTP ------------------------------------------------------------------------------
+MAX_MODEL_LEN = 64
+
+
+@pytest.fixture(scope="module")
+def classifier(heads):
+    """The sequence classifier at TP 1, prompts chunked by 16 tokens a step, up to 64 tokens."""
+    server = InProcessServer(heads["classify"], tp=1, http=True, max_num_batched_tokens=16,
+                             limits_options={"max_model_len": MAX_MODEL_LEN})
+    yield server
+    server.stop()
+
+
+def post(server, path: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(server.http_url + path, json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_classification_and_embeddings_served(heads, classifier):
+    """Prompts of different lengths in one request, one chunked over three steps and one ending in pad tokens,
+    through gRPC and HTTP, each equal to transformers alone."""
+    model = reference(heads["classify"], "classify")
+    prompts = random_ids([7, 40], seed=5)
+    prompts.append(prompts[0][:4] + [PAD, PAD])
+    with Client(classifier.target) as c:
+        info = c.model_info()
+        assert info.tasks == ["classify", "embed"] and info.architecture == HEADS["classify"]
+        assert info.labels == ["LABEL_0", "LABEL_1", "LABEL_2"]
+        results = c.classify(prompts)
+        text = c.classify("A text, tokenized by the server.")[0]
+        embeddings = {(p, n, d): c.embed(prompts, pooling=p, normalize=n, dimensions=d)
+                      for p, n, d in (("last", True, None), ("mean", True, None), ("mean", False, 16))}
+    worst = 0.0
+    for ids, r in zip(prompts, results):
+        ref = expected(model, "classify", ids)
+        worst = max(worst, (torch.tensor(r.logits) - ref).abs().max().item())
+        assert r.label == f"LABEL_{int(ref.argmax())}" and r.prompt_tokens == len(ids)
+        assert torch.allclose(torch.tensor(r.probs), ref.softmax(-1), atol=TOLERANCE)
+        for (p, n, d), out in embeddings.items():
+            ref = expected_embedding(model, ids, PoolingSpec("embed", p, n, d))
+            worst = max(worst, (torch.tensor(out[prompts.index(ids)].values) - ref).abs().max().item())
+    print(f"served classify/embed, tp=1, chunks of 16: max |ours - transformers| {worst:.2g}")
+    assert worst <= TOLERANCE
+    assert len(embeddings[("mean", False, 16)][0].values) == 16
+    assert text.label in info.labels
+
+    # HTTP: the openai SDK's embeddings (base64 by default, floats when asked), vLLM's /classify and /pooling.
+    with openai.OpenAI(base_url=classifier.http_url + "/v1", api_key="unused", max_retries=0) as oai:
+        b64 = oai.embeddings.create(model="test", input=prompts)
+        floats = oai.embeddings.create(model="test", input=prompts[1], encoding_format="float", dimensions=8)
+    assert b64.usage.prompt_tokens == sum(map(len, prompts))
+    assert torch.allclose(torch.tensor(b64.data[1].embedding), torch.tensor(embeddings[("last", True, None)][1].values),
+                          atol=1e-6)
+    ref = expected_embedding(model, prompts[1], PoolingSpec("embed", "last", True, 8))
+    assert (torch.tensor(floats.data[0].embedding) - ref).abs().max() <= TOLERANCE
+    status, body = post(classifier, "/classify", {"model": "test", "input": [prompts[0], prompts[2]]})
+    assert status == 200 and [d["label"] for d in body["data"]] == [results[0].label, results[2].label]
+    assert body["data"][0]["num_classes"] == 3 and body["usage"]["prompt_tokens"] == len(prompts[0]) + 6
+    assert torch.allclose(torch.tensor(body["data"][1]["probs"]), torch.tensor(results[2].probs), atol=1e-6)
+    status, body = post(classifier, "/pooling", {"input": prompts[1]})  # the checkpoint's head by default
+    assert status == 200 and torch.allclose(torch.tensor(body["data"][0]["data"]), torch.tensor(results[1].logits),
+                                            atol=1e-6)
+    status, body = post(classifier, "/pooling", {"input": "some text", "task": "embed", "pooling": "mean"})
+    assert status == 200 and len(body["data"][0]["data"]) == 64
+    with urllib.request.urlopen(classifier.http_url + "/v1/models", timeout=10) as r:
+        assert json.loads(r.read())["data"][0]["tasks"] == ["classify", "embed"]
+    metrics = classifier.runner.metrics
+    assert metrics.pooling.labels("classify", "grpc")._value.get() == 4
+    assert metrics.pooling.labels("classify", "http")._value.get() == 3
+
+
+def test_bad_pooling_requests_are_refused_clearly(classifier):
+    long = "word " * (MAX_MODEL_LEN + 10)
+    with Client(classifier.target) as c:
+        for call, match in ((lambda: c.classify(""), r"inputs\[0\]\.text.*must not be empty"),
+                            (lambda: c.classify(long), rf"must have at most the maximum model length {MAX_MODEL_LEN}"),
+                            (lambda: c.classify([[5, 10**7]]), r"inputs\[0\]\.token_ids\.ids\[1\].*vocabulary size"),
+                            (lambda: c.embed("x", dimensions=65), r"`dimensions` must be >= 1 and <= the hidden size 64"),
+                            (lambda: c.embed("x", pooling="max"), r"`pooling` must be 'last' or 'mean'"),
+                            (lambda: c.classify([]), r"`inputs` must not be empty")):
+            with pytest.raises(ValidationError, match=match) as e:
+                call()
+            assert not isinstance(e.value, UnsupportedTaskError)
+        for call in (lambda: c.generate("Hi", max_new_tokens=2), lambda: c.classify_tokens("Hi"),
+                     lambda: c.extractive_qa("Hi")):
+            with pytest.raises(UnsupportedTaskError, match=r"does not serve `\w+` requests; it serves: classify, embed"):
+                call()
+    for path, body, param in (("/v1/embeddings", {"input": ""}, "input"),
+                              ("/v1/embeddings", {"input": ["ok", long]}, "input[1]"),
+                              ("/classify", {"input": []}, "input"),
+                              ("/pooling", {"input": "x", "task": "qa"}, "task"),
+                              ("/pooling", {"input": "x", "task": "nope"}, "task"),
+                              ("/v1/completions", {"model": "test", "prompt": "Hi", "max_tokens": 2}, "task")):
+        status, answer = post(classifier, path, body)
+        assert status == 400 and answer["error"]["param"] == param, (path, answer)
+
+
+@pytest.fixture(scope="module")
+def causal_pp2(heads):
+    server = InProcessServer(heads["generate"], tp=1, engine_options={"pp": 2},
+                             max_num_batched_tokens=32)
+    yield server
+    server.stop()
+
+
+def test_pooling_beside_generation_gets_what_it_gets_alone(heads, causal_pp2):
+    """A causal LM at PP 2 serves embeddings (its hidden states before the LM head) beside generations in the
+    same steps; each gets what it gets alone, and classification is refused."""
+    import concurrent.futures
+
+    prompts = random_ids([9, 30], seed=8)
+    model = reference(heads["generate"], "generate")
+    with Client(causal_pp2.target) as c:
+        assert c.model_info().tasks == ["generate", "embed"]
+        alone_tokens = [c.generate(p, max_new_tokens=12, temperature=0, ignore_eos=True).token_ids for p in prompts]
+        alone_embeds = [c.embed(p, pooling="mean")[0].values for p in prompts]
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            gens = [pool.submit(c.generate, p, max_new_tokens=12, temperature=0, ignore_eos=True) for p in prompts]
+            embeds = [pool.submit(c.embed, p, pooling="mean") for p in prompts]
+            mixed_tokens = [g.result().token_ids for g in gens]
+            mixed_embeds = [e.result()[0].values for e in embeds]
+        with pytest.raises(UnsupportedTaskError, match="Qwen2ForCausalLM"):
+            c.classify("Hi")
+    assert mixed_tokens == alone_tokens
+    worst = 0.0
+    for ids, alone, mixed in zip(prompts, alone_embeds, mixed_embeds):
+        ref = expected_embedding(model, ids, PoolingSpec("embed", "mean"))
+        worst = max(worst, (torch.tensor(alone) - ref).abs().max().item(), (torch.tensor(mixed) - ref).abs().max().item())
+    print(f"served embed beside generation, pp=2: max |ours - transformers| {worst:.2g}")
+    assert worst <= TOLERANCE
+
+
+def test_extractive_qa_served_at_tp2_and_the_cli(heads, capsys):
+    """The QA head at TP 2 through the SDK and `qwen2-client qa`: every token's start/end logits as transformers
+    gives them, and the best span of at most max_answer_tokens tokens."""
+    from qwen2_client import cli
+
+    server = InProcessServer(heads["qa"], tp=2)
+    try:
+        prompts = random_ids([12, 25], seed=9)
+        with Client(server.target) as c:
+            results = c.extractive_qa(prompts, max_answer_tokens=4)
+        model = reference(heads["qa"], "qa")
+        worst = 0.0
+        for ids, r in zip(prompts, results):
+            ref = expected(model, "qa", ids)
+            ours = torch.tensor([r.start_logits, r.end_logits]).T
+            worst = max(worst, (ours - ref).abs().max().item())
+            spans = [(i, j) for i in range(len(ids)) for j in range(i, min(i + 4, len(ids)))]
+            best = max(spans, key=lambda s: ref[s[0], 0] + ref[s[1], 1])
+            assert (r.answer_start, r.answer_end) == best and r.token_ids == ids
+        print(f"served qa, tp=2: max |ours - transformers| {worst:.2g}")
+        assert worst <= TOLERANCE
+        ids = ",".join(map(str, prompts[0]))
+        capsys.readouterr()
+        assert cli.main(["--target", server.target, "qa", "--token-ids", ids, "--max-answer-tokens", "4",
+                         "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)[0]["answer_start"] == results[0].answer_start
+        assert cli.main(["--target", server.target, "classify-tokens", "Hello"]) == cli.EXIT_INVALID
+        assert re.search(r"FAILED_PRECONDITION: task: .*serves: qa, embed", capsys.readouterr().err)
+    finally:
+        server.stop()
