@@ -330,3 +330,62 @@ def test_extractive_qa_served_and_the_cli(heads, capsys):
         assert re.search(r"FAILED_PRECONDITION: task: .*serves: qa, embed", capsys.readouterr().err)
     finally:
         server.stop()
+
+
+# -- the scheduler's part (no model) --------------------------------------------------------------------------
+def test_pooling_sequences_neither_take_nor_give_cached_blocks_and_restart_their_parts():
+    """A pooling sequence computes its whole prompt even when a generation cached it, leaves nothing cached
+    itself, and a recompute (preemption, recovery) starts its parts over."""
+    from router.scheduler import BlockManager, Scheduler, Sequence
+    from shards.sampling import SamplingParams
+
+    def step(sched, make_result):
+        plans = sched.schedule()
+        return plans, sched.complete(plans, [make_result(p) for p in plans])
+
+    def result(plan):
+        if plan.pooling is not None:
+            return {"seq_id": plan.seq_id, "pooled": torch.tensor([[float(plan.start)]])}
+        return {"seq_id": plan.seq_id, "token_id": 1} if plan.sampling is not None else {"seq_id": plan.seq_id}
+
+    prompt = list(range(100, 112))  # 3 full blocks of 4
+
+    def scheduler():
+        return Scheduler(BlockManager(16, 4, prefix_caching=True), max_num_seqs=4, max_num_batched_tokens=8,
+                         max_waiting=8)
+
+    def run(sched, seq):
+        sched.add(seq)
+        plans = []
+        while True:
+            step_plans, done = step(sched, result)
+            plans += step_plans
+            if done:
+                sched.finish(seq.seq_id)
+                return plans
+
+    def generation(seq_id):
+        return Sequence(seq_id, prompt, SamplingParams())
+
+    def pooling(seq_id):
+        return Sequence(seq_id, prompt, SamplingParams(), samples=False, pooling="hidden_sum")
+
+    # Takes none: after a generation cached the prompt, a pooling sequence still starts at 0; a generation hits.
+    sched = scheduler()
+    run(sched, generation(0))
+    assert [p.start for p in run(sched, pooling(1))] == [0, 8]
+    run(sched, generation(2))
+    assert sched.prefix_hit_tokens == 8  # 2 of its 3 full blocks (never its last token)
+    # Gives none: after a pooling sequence, a generation finds nothing cached.
+    sched = scheduler()
+    run(sched, pooling(0))
+    run(sched, generation(1))
+    assert sched.prefix_hit_tokens == 0
+    # A recompute (preemption, recovery) starts its parts over.
+    seq = pooling(3)
+    sched.add(seq)
+    step(sched, result)
+    sched.requeue_all()
+    while not step(sched, result)[1]:
+        pass
+    assert [p.item() for p in seq.pooled] == [0.0, 8.0]  # the first run's chunk is gone
