@@ -35,11 +35,18 @@ LABELS = {"classify": 3, "token_classify": 5, "qa": 2}
 @pytest.fixture(scope="module")
 def heads(tmp_path_factory):
     """task -> a random checkpoint of its class (tiny shape, 3 layers: PP 2 splits them unevenly)."""
+    from router import cli
+
     root = tmp_path_factory.mktemp("heads")
     config = preset_config("tiny") | {"num_hidden_layers": 3}
     out = {task: write_random_checkpoint(root / task, with_architecture(config, arch, LABELS[task]), seed=11)
-           for task, arch in HEADS.items()}
+           for task, arch in HEADS.items() if task != "token_classify"}
     out["generate"] = write_random_checkpoint(root / "generate", config, seed=11)
+    # The token classifier through `qwen2-cluster init-random --architecture`, as a user writes one.
+    (root / "layers.json").write_text(json.dumps({"num_hidden_layers": 3}))
+    cli.main(["init-random", "--config", str(root / "layers.json"), "--architecture", HEADS["token_classify"],
+              "--num-labels", str(LABELS["token_classify"]), "--seed", "11", "--out", str(root / "token_classify")])
+    out["token_classify"] = root / "token_classify"
     return out
 
 
