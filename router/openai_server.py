@@ -566,12 +566,13 @@ class OpenAIApi:
         tokens = sum(len(request.seq.prompt_token_ids) for request, _ in results)
         return PoolingUsage(prompt_tokens=tokens, total_tokens=tokens)
 
-    def _embed_spec(self, body: EmbeddingRequest | PoolingRequest, task: str = "embed"):
+    def _spec(self, task: str, body: EmbeddingRequest | PoolingRequest):
+        """The pooling task's options (the embedding ones, which the other tasks ignore), checked."""
         return validate_pooling(task, self.core.runner.engine.model.hidden_size, body.pooling, body.normalize,
                                 body.dimensions)
 
     async def embeddings(self, body: EmbeddingRequest) -> EmbeddingResponse:
-        results = await self._pool(body, lambda: self._embed_spec(body))
+        results = await self._pool(body, lambda: self._spec("embed", body))
 
         def encode(values):
             if body.encoding_format == "base64":
@@ -595,9 +596,7 @@ class OpenAIApi:
     async def pooling(self, body: PoolingRequest) -> PoolingResponse:
         heads = [t for t in self.core.tasks if t in ("classify", "token_classify", "qa")]
         task = body.task or (heads[0] if heads else "embed")
-        names = {"task": "task"}
-        results = await self._pool(body, lambda: validate_pooling(
-            task, self.core.runner.engine.model.hidden_size, body.pooling, body.normalize, body.dimensions, names))
+        results = await self._pool(body, lambda: self._spec(task, body))
         return PoolingResponse(id=f"pool-{uuid.uuid4().hex}", created=int(time.time()), model=self.model_name,
                                data=[PoolingData(index=i, data=e.pooled.tolist()) for i, (_, e) in enumerate(results)],
                                usage=self._pooling_usage(results))

@@ -335,9 +335,9 @@ class GenerationService(pb_grpc.GenerationServicer):
         return pb.TokenizeResponse(token_ids=ids, tokens=[self.core.tokenizer.id_to_token(i) or "" for i in ids],
                                    rendered=rendered or "")
 
-    async def _pool(self, request, context, spec) -> list[tuple[Request, list[int], Event]]:
+    async def _pool(self, request, context, spec) -> list[tuple[list[int], Event]]:
         """Admit every input of a pooling request (all or none; `spec()` reads the task's options) and wait for
-        their answers: (request, its prompt's ids, its last event) per input, in order."""
+        their answers: (its prompt's ids, its last event) per input, in order."""
 
         async def read() -> list[Admission]:
             inputs = []
@@ -358,7 +358,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         for admitted_request, event in await self.core.pooled(admitted):
             if event.error is not None:
                 await _abort(context, grpc.StatusCode.UNAVAILABLE, str(event.error))
-            out.append((admitted_request, admitted_request.seq.prompt_token_ids, event))
+            out.append((admitted_request.seq.prompt_token_ids, event))
         return out
 
     def _classification(self, logits, prompt_tokens: int = 0) -> pb.Classification:
@@ -378,16 +378,16 @@ class GenerationService(pb_grpc.GenerationServicer):
         results = await self._pool(request, context, spec)
         return pb.EmbedResponse(
             request_id=request.request_id or uuid.uuid4().hex,
-            embeddings=[pb.Embedding(values=e.pooled.tolist(), prompt_tokens=len(ids)) for _, ids, e in results],
-            prompt_tokens=sum(len(ids) for _, ids, _ in results))
+            embeddings=[pb.Embedding(values=e.pooled.tolist(), prompt_tokens=len(ids)) for ids, e in results],
+            prompt_tokens=sum(len(ids) for ids, _ in results))
 
     @unary_errors
     async def Classify(self, request, context):
         results = await self._pool(request, context, lambda: validate_pooling("classify", 0))
         return pb.ClassifyResponse(
             request_id=request.request_id or uuid.uuid4().hex,
-            results=[self._classification(e.pooled, len(ids)) for _, ids, e in results],
-            labels=self.runner.engine.model.labels, prompt_tokens=sum(len(ids) for _, ids, _ in results))
+            results=[self._classification(e.pooled, len(ids)) for ids, e in results],
+            labels=self.runner.engine.model.labels, prompt_tokens=sum(len(ids) for ids, _ in results))
 
     @unary_errors
     async def ClassifyTokens(self, request, context):
@@ -395,8 +395,8 @@ class GenerationService(pb_grpc.GenerationServicer):
         return pb.ClassifyTokensResponse(
             request_id=request.request_id or uuid.uuid4().hex,
             results=[pb.TokenClassification(token_ids=ids, tokens=[self._classification(row) for row in e.pooled])
-                     for _, ids, e in results],
-            labels=self.runner.engine.model.labels, prompt_tokens=sum(len(ids) for _, ids, _ in results))
+                     for ids, e in results],
+            labels=self.runner.engine.model.labels, prompt_tokens=sum(len(ids) for ids, _ in results))
 
     @unary_errors
     async def ExtractiveQA(self, request, context):
@@ -405,7 +405,7 @@ class GenerationService(pb_grpc.GenerationServicer):
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "`max_answer_tokens` must be >= 1, got 0",
                          [("max_answer_tokens", "`max_answer_tokens` must be >= 1, got 0")])
         out = pb.QAResponse(request_id=request.request_id or uuid.uuid4().hex)
-        for _, ids, e in await self._pool(request, context, lambda: validate_pooling("qa", 0)):
+        for ids, e in await self._pool(request, context, lambda: validate_pooling("qa", 0)):
             start, end = e.pooled.unbind(-1)
             i, j, score = pooling.best_span(start, end, max_tokens)
             out.results.append(pb.QAResult(token_ids=ids, start_logits=start.tolist(), end_logits=end.tolist(),
