@@ -543,8 +543,9 @@ class OpenAIApi:
         return DetokenizeResponse(prompt=self.core.tokenizer.decode(ids, skip_special_tokens=False))
 
     # -- pooling ----------------------------------------------------------------------------------------
-    async def _pool(self, body, spec) -> list[tuple[Request, Event]]:
-        """Admit every input (all or none; `spec()` reads the task's options) and wait for their answers."""
+    async def _pool(self, body, spec, http: HttpRequest) -> list[tuple[Request, Event]] | None:
+        """Admit every input (all or none; `spec()` reads the task's options) and wait for their answers; None
+        when the client went away first (its sequences are cancelled)."""
         self._check_model(body.model)
         given = body.input
         if isinstance(given, str) or (given and all(isinstance(x, int) for x in given)):
@@ -555,7 +556,13 @@ class OpenAIApi:
         async def read() -> list[Admission]:
             return await self.core.pooling_admissions(inputs, spec(), "input")
 
-        results = await self.core.pooled(await self._admit(read))
+        requests, results = await self._admit(read), []
+
+        async def wait():
+            results.extend(await self.core.pooled(requests))
+
+        if not await self._until_disconnect(http, wait()):
+            return None
         for _, event in results:
             if event.error is not None:
                 raise ApiError(503, str(event.error), code="unavailable")
@@ -571,8 +578,10 @@ class OpenAIApi:
         return validate_pooling(task, self.core.runner.engine.model.hidden_size, body.pooling, body.normalize,
                                 body.dimensions)
 
-    async def embeddings(self, body: EmbeddingRequest) -> EmbeddingResponse:
-        results = await self._pool(body, lambda: self._spec("embed", body))
+    async def embeddings(self, body: EmbeddingRequest, http: HttpRequest) -> EmbeddingResponse | Response:
+        results = await self._pool(body, lambda: self._spec("embed", body), http)
+        if results is None:
+            return Response(status_code=CLIENT_GONE)
 
         def encode(values):
             if body.encoding_format == "base64":
@@ -583,8 +592,10 @@ class OpenAIApi:
                                        for i, (_, e) in enumerate(results)],
                                  model=self.model_name, usage=self._pooling_usage(results))
 
-    async def classify(self, body: ClassifyRequest) -> ClassifyResponse:
-        results = await self._pool(body, lambda: validate_pooling("classify", 0))
+    async def classify(self, body: ClassifyRequest, http: HttpRequest) -> ClassifyResponse | Response:
+        results = await self._pool(body, lambda: validate_pooling("classify", 0), http)
+        if results is None:
+            return Response(status_code=CLIENT_GONE)
         labels, data = self.core.runner.engine.model.labels, []
         for i, (_, event) in enumerate(results):
             probs = pooling.probabilities(event.pooled)
@@ -593,10 +604,12 @@ class OpenAIApi:
         return ClassifyResponse(id=f"classify-{uuid.uuid4().hex}", created=int(time.time()), model=self.model_name,
                                 data=data, usage=self._pooling_usage(results))
 
-    async def pooling(self, body: PoolingRequest) -> PoolingResponse:
+    async def pooling(self, body: PoolingRequest, http: HttpRequest) -> PoolingResponse | Response:
         heads = [t for t in self.core.tasks if t in ("classify", "token_classify", "qa")]
         task = body.task or (heads[0] if heads else "embed")
-        results = await self._pool(body, lambda: self._spec(task, body))
+        results = await self._pool(body, lambda: self._spec(task, body), http)
+        if results is None:
+            return Response(status_code=CLIENT_GONE)
         return PoolingResponse(id=f"pool-{uuid.uuid4().hex}", created=int(time.time()), model=self.model_name,
                                data=[PoolingData(index=i, data=e.pooled.tolist()) for i, (_, e) in enumerate(results)],
                                usage=self._pooling_usage(results))
@@ -730,17 +743,17 @@ def build_app(api: OpenAIApi, version: str, auth_token: str | None, max_body_byt
         api._check_model(model)
         return api.model_card()
 
-    @app.post("/v1/embeddings")
-    async def embeddings(body: EmbeddingRequest) -> EmbeddingResponse:
-        return await api.embeddings(body)
+    @app.post("/v1/embeddings", response_model=None)
+    async def embeddings(body: EmbeddingRequest, http: HttpRequest):
+        return await api.embeddings(body, http)
 
-    @app.post("/classify")
-    async def classify(body: ClassifyRequest) -> ClassifyResponse:
-        return await api.classify(body)
+    @app.post("/classify", response_model=None)
+    async def classify(body: ClassifyRequest, http: HttpRequest):
+        return await api.classify(body, http)
 
-    @app.post("/pooling")
-    async def pool(body: PoolingRequest) -> PoolingResponse:
-        return await api.pooling(body)
+    @app.post("/pooling", response_model=None)
+    async def pool(body: PoolingRequest, http: HttpRequest):
+        return await api.pooling(body, http)
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeChatRequest | TokenizeCompletionRequest) -> TokenizeResponse:
