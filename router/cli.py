@@ -102,6 +102,9 @@ async def _generate(args) -> None:
     tokenizer = Tokenizer.from_file(str(Path(config.model_dir) / "tokenizer.json"))
     prompt = tokenizer.encode(args.prompt).ids
     engine = Engine(config)
+    if "generate" not in engine.model.tasks:
+        raise ValueError(f"{engine.model.architecture} does not generate (it serves: {', '.join(engine.model.tasks)}); "
+                         f"serve it and use the pooling APIs")
     await engine.start()
     try:
         blocks = -(-(len(prompt) + args.max_new_tokens) // engine.block_size)
