@@ -3,6 +3,7 @@ classification, token classification, extractive QA and embeddings, at TP 1, TP 
 prompts; then served end to end (gRPC, SDK, HTTP with the openai SDK and urllib), beside generation, and refused
 clearly when the input or the task is wrong."""
 
+import asyncio
 import base64
 import functools
 import json
@@ -16,7 +17,7 @@ import pytest
 import torch
 import transformers
 
-from qwen2_client import Client, UnsupportedTaskError, ValidationError
+from qwen2_client import AsyncClient, Client, UnsupportedTaskError, ValidationError
 from router.pooling import join, last_non_pad
 from router.validation import PoolingSpec
 from shards.batch import SeqPlan
@@ -291,6 +292,12 @@ def test_token_classification_served(heads):
         prompts = random_ids([5, 19], seed=10)
         with Client(server.target) as c:
             results = c.classify_tokens(prompts)
+
+        async def via_async_client():
+            async with AsyncClient(server.target) as c:
+                return await c.classify_tokens(prompts[0])
+
+        async_result = asyncio.run(via_async_client())[0]
         status, body = post(server, "/pooling", {"input": prompts[1]})  # the checkpoint's head by default
     finally:
         server.stop()
@@ -302,6 +309,9 @@ def test_token_classification_served(heads):
         worst = max(worst, (ours - ref).abs().max().item())
         assert r.token_ids == ids and [t.label for t in r.tokens] == [f"LABEL_{i}" for i in ref.argmax(-1).tolist()]
     assert status == 200 and torch.allclose(torch.tensor(body["data"][0]["data"]), ours, atol=1e-6)
+    assert async_result.token_ids == results[0].token_ids
+    assert torch.allclose(torch.tensor([t.logits for t in async_result.tokens]),
+                          torch.tensor([t.logits for t in results[0].tokens]), atol=1e-6)
     print(f"served token_classify, tp=1, chunks of 8: max |ours - transformers| {worst:.2g}")
     assert worst <= TOLERANCE
 
