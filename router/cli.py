@@ -22,7 +22,7 @@ def demo_checkpoint() -> Path:
 
 
 def init_random(args) -> None:
-    from shards.checkpoint import preset_config, write_random_checkpoint
+    from shards.checkpoint import preset_config, with_architecture, write_random_checkpoint
 
     config = preset_config(args.preset)
     if args.config:
@@ -31,6 +31,7 @@ def init_random(args) -> None:
         if args.quantization != "nf4":
             raise SystemExit("init-random: --quant-double goes with --quantization nf4")
         config["quantization_config"] = config.get("quantization_config", {}) | {"bnb_4bit_use_double_quant": True}
+    config = with_architecture(config, args.architecture, args.num_labels)
 
     def progress(done, total):
         print(f"\r{done / 2**20:,.0f} / {total / 2**20:,.0f} MiB", end="", file=sys.stderr, flush=True)
@@ -105,6 +106,9 @@ async def _generate(args) -> None:
     tokenizer = Tokenizer.from_file(str(Path(config.model_dir) / "tokenizer.json"))
     prompt = tokenizer.encode(args.prompt).ids
     engine = Engine(config)
+    if "generate" not in engine.model.tasks:
+        raise ValueError(f"{engine.model.architecture} does not generate (it serves: {', '.join(engine.model.tasks)}); "
+                         f"serve it and use the pooling APIs")
     await engine.start()
     try:
         blocks = -(-(len(prompt) + args.max_new_tokens) // engine.block_size)
@@ -218,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "transformers saves a bitsandbytes load_in_4bit model)")
     p.add_argument("--quant-double", action="store_true",
                    help="nf4: double quantization (bnb_4bit_use_double_quant)")
+    p.add_argument("--architecture", default="Qwen2ForCausalLM",
+                   help="the transformers class to write: Qwen2ForCausalLM, Qwen2ForSequenceClassification, "
+                        "Qwen2ForTokenClassification, Qwen2ForQuestionAnswering or Qwen2Model (no head: embeddings)")
+    p.add_argument("--num-labels", type=int, default=2, help="the classification heads' outputs")
     p.set_defaults(run=init_random)
 
     p = sub.add_parser("generate", help="generate from a prompt through the Ray engine (no gRPC server)")

@@ -28,6 +28,9 @@ class Metrics:
                               "(validation, overloaded, cancelled, deadline, unavailable, internal)", ["kind", "api"],
                               registry=r)
 
+        self.pooling = Counter("qwen2_pooling_requests", "Pooling requests completed (a sequence each), by task "
+                               "(embed, classify, token_classify, qa)", ["task", "api"], registry=r)
+
         def latency(name, doc, labels=()):
             return Histogram(name, doc, labels, buckets=LATENCY_BUCKETS, registry=r)
 

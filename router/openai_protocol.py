@@ -264,6 +264,7 @@ class ModelCard(BaseModel):
     owned_by: str = "qwen2-cluster"
     max_model_len: int
     quantization: str  # "none" or the weights' 4/8-bit format
+    tasks: list[str]  # what the checkpoint serves: generate, embed, classify, token_classify, qa
 
 
 class ModelList(BaseModel):
@@ -291,3 +292,84 @@ class ErrorInfo(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorInfo
+
+
+# -- pooling: /v1/embeddings (OpenAI), /classify and /pooling (vLLM) -------------------------------------------
+# One text, one list of token ids, or a list of either.
+PoolingInput = str | list[str] | list[int] | list[list[int]]
+
+
+class EmbeddingRequest(Body):
+    model: str | None = None
+    input: PoolingInput
+    encoding_format: Literal["float", "base64"] = "float"  # base64: the float32 values' little-endian bytes
+    dimensions: int | None = None  # the first `dimensions` values (Matryoshka), normalised after truncation
+    user: str | None = None
+    pooling: Literal["last", "mean"] | None = None  # ours: the last token's hidden state (default) or the mean
+    normalize: bool | None = None  # ours: L2-normalise (default true)
+
+
+class PoolingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: PoolingUsage
+
+
+class ClassifyRequest(Body):
+    model: str | None = None
+    input: PoolingInput
+    user: str | None = None
+
+
+class ClassifyData(BaseModel):
+    index: int
+    label: str
+    probs: list[float]
+    num_classes: int
+
+
+class ClassifyResponse(BaseModel):
+    id: str
+    object: Literal["list"] = "list"
+    created: int
+    model: str
+    data: list[ClassifyData]
+    usage: PoolingUsage
+
+
+class PoolingRequest(Body):
+    model: str | None = None
+    input: PoolingInput
+    task: str | None = None  # embed, classify, token_classify or qa; default: the checkpoint's head, else embed
+    pooling: Literal["last", "mean"] | None = None  # embed's options, as in EmbeddingRequest
+    normalize: bool | None = None
+    dimensions: int | None = None
+    user: str | None = None
+
+
+class PoolingData(BaseModel):
+    object: Literal["pooling"] = "pooling"
+    index: int
+    # embed [dimensions]; classify: the logits [labels]; token_classify [tokens][labels]; qa [tokens][start, end]
+    data: list[float] | list[list[float]]
+
+
+class PoolingResponse(BaseModel):
+    id: str
+    object: Literal["list"] = "list"
+    created: int
+    model: str
+    data: list[PoolingData]
+    usage: PoolingUsage

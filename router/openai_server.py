@@ -9,6 +9,7 @@ value and the bound), 401 token, 404 model or route, 413 body size, 415 content 
 """
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import hmac
@@ -31,17 +32,18 @@ from starlette.exceptions import HTTPException
 
 from router.openai_protocol import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
-    ChatLogprobs, ChatMessage, CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Delta,
-    DetokenizeRequest, DetokenizeResponse, ErrorInfo, ErrorResponse, FunctionCall, ModelCard, ModelList,
-    PromptTokensDetails, Sampling, TokenizeChatRequest, TokenizeCompletionRequest, TokenizeResponse, TokenLogprob,
-    ToolCallDelta, ToolCallOut, TopLogprob, Usage,
+    ChatLogprobs, ChatMessage, ClassifyData, ClassifyRequest, ClassifyResponse, CompletionChoice, CompletionLogprobs,
+    CompletionRequest, CompletionResponse, Delta, DetokenizeRequest, DetokenizeResponse, EmbeddingData,
+    EmbeddingRequest, EmbeddingResponse, ErrorInfo, ErrorResponse, FunctionCall, ModelCard, ModelList, PoolingData,
+    PoolingRequest, PoolingResponse, PoolingUsage, PromptTokensDetails, Sampling, TokenizeChatRequest,
+    TokenizeCompletionRequest, TokenizeResponse, TokenLogprob, ToolCallDelta, ToolCallOut, TopLogprob, Usage,
 )
 from router.runner import EngineUnavailable, Event, Request
 from router.scheduler import QueueFullError
 from router.service import Admission, InternalError, ServingCore
-from router import tool_calls
-from router.validation import (RequestError, ValidRequest, ValidTools, validate_parameters, validate_token_ids,
-                               validate_tools)
+from router import pooling, tool_calls
+from router.validation import (RequestError, UnsupportedTask, ValidRequest, ValidTools, validate_parameters,
+                               validate_pooling, validate_token_ids, validate_tools)
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +75,8 @@ class ApiError(Exception):
 def _refusal(e: RequestError | QueueFullError | EngineUnavailable) -> ApiError:
     """The core's client-facing errors as HTTP errors."""
     if isinstance(e, RequestError):
-        return ApiError(400, str(e), param=e.violations[0][0])
+        return ApiError(400, str(e), param=e.violations[0][0],
+                        code="unsupported_task" if isinstance(e, UnsupportedTask) else None)
     if isinstance(e, QueueFullError):
         return ApiError(429, str(e), code="queue_full")
     return ApiError(503, str(e), code="unavailable")
@@ -539,12 +542,84 @@ class OpenAIApi:
             raise _refusal(e) from None
         return DetokenizeResponse(prompt=self.core.tokenizer.decode(ids, skip_special_tokens=False))
 
+    # -- pooling ----------------------------------------------------------------------------------------
+    async def _pool(self, body, spec, http: HttpRequest) -> list[tuple[Request, Event]] | None:
+        """Admit every input (all or none; `spec()` reads the task's options) and wait for their answers; None
+        when the client went away first (its sequences are cancelled)."""
+        self._check_model(body.model)
+        given = body.input
+        if isinstance(given, str) or (given and all(isinstance(x, int) for x in given)):
+            inputs = [("input", given)]
+        else:
+            inputs = [(f"input[{i}]", x) for i, x in enumerate(given)]
+
+        async def read() -> list[Admission]:
+            return await self.core.pooling_admissions(inputs, spec(), "input")
+
+        requests, results = await self._admit(read), []
+
+        async def wait():
+            results.extend(await self.core.pooled(requests))
+
+        if not await self._until_disconnect(http, wait()):
+            return None
+        for _, event in results:
+            if event.error is not None:
+                raise ApiError(503, str(event.error), code="unavailable")
+        return results
+
+    @staticmethod
+    def _pooling_usage(results: list[tuple[Request, Event]]) -> PoolingUsage:
+        tokens = sum(len(request.seq.prompt_token_ids) for request, _ in results)
+        return PoolingUsage(prompt_tokens=tokens, total_tokens=tokens)
+
+    def _spec(self, task: str, body: EmbeddingRequest | PoolingRequest):
+        """The pooling task's options (the embedding ones, which the other tasks ignore), checked."""
+        return validate_pooling(task, self.core.runner.engine.model.hidden_size, body.pooling, body.normalize,
+                                body.dimensions)
+
+    async def embeddings(self, body: EmbeddingRequest, http: HttpRequest) -> EmbeddingResponse | Response:
+        results = await self._pool(body, lambda: self._spec("embed", body), http)
+        if results is None:
+            return Response(status_code=CLIENT_GONE)
+
+        def encode(values):
+            if body.encoding_format == "base64":
+                return base64.b64encode(values.numpy().astype("<f4").tobytes()).decode()
+            return values.tolist()
+
+        return EmbeddingResponse(data=[EmbeddingData(index=i, embedding=encode(e.pooled))
+                                       for i, (_, e) in enumerate(results)],
+                                 model=self.model_name, usage=self._pooling_usage(results))
+
+    async def classify(self, body: ClassifyRequest, http: HttpRequest) -> ClassifyResponse | Response:
+        results = await self._pool(body, lambda: validate_pooling("classify", 0), http)
+        if results is None:
+            return Response(status_code=CLIENT_GONE)
+        labels, data = self.core.runner.engine.model.labels, []
+        for i, (_, event) in enumerate(results):
+            probs = pooling.probabilities(event.pooled)
+            data.append(ClassifyData(index=i, label=labels[int(probs.argmax())], probs=probs.tolist(),
+                                     num_classes=len(labels)))
+        return ClassifyResponse(id=f"classify-{uuid.uuid4().hex}", created=int(time.time()), model=self.model_name,
+                                data=data, usage=self._pooling_usage(results))
+
+    async def pooling(self, body: PoolingRequest, http: HttpRequest) -> PoolingResponse | Response:
+        heads = [t for t in self.core.tasks if t in ("classify", "token_classify", "qa")]
+        task = body.task or (heads[0] if heads else "embed")
+        results = await self._pool(body, lambda: self._spec(task, body), http)
+        if results is None:
+            return Response(status_code=CLIENT_GONE)
+        return PoolingResponse(id=f"pool-{uuid.uuid4().hex}", created=int(time.time()), model=self.model_name,
+                               data=[PoolingData(index=i, data=e.pooled.tolist()) for i, (_, e) in enumerate(results)],
+                               usage=self._pooling_usage(results))
+
     def models(self) -> ModelList:
         return ModelList(data=[self.model_card()])
 
     def model_card(self) -> ModelCard:
         return ModelCard(id=self.model_name, created=self.created, max_model_len=self.core.limits.max_model_len,
-                         quantization=self.core.runner.engine.quantization)
+                         quantization=self.core.runner.engine.quantization, tasks=list(self.core.tasks))
 
 
 # -- the ASGI app ---------------------------------------------------------------------------------------------
@@ -667,6 +742,18 @@ def build_app(api: OpenAIApi, version: str, auth_token: str | None, max_body_byt
     async def model(model: str) -> ModelCard:
         api._check_model(model)
         return api.model_card()
+
+    @app.post("/v1/embeddings", response_model=None)
+    async def embeddings(body: EmbeddingRequest, http: HttpRequest):
+        return await api.embeddings(body, http)
+
+    @app.post("/classify", response_model=None)
+    async def classify(body: ClassifyRequest, http: HttpRequest):
+        return await api.classify(body, http)
+
+    @app.post("/pooling", response_model=None)
+    async def pool(body: PoolingRequest, http: HttpRequest):
+        return await api.pooling(body, http)
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeChatRequest | TokenizeCompletionRequest) -> TokenizeResponse:

@@ -15,7 +15,10 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import torch
+
 from cluster.engine import Engine, EngineError
+from router import pooling
 from router.detokenizer import IncrementalDetokenizer
 from router.metrics import Metrics
 from router.scheduler import BlockManager, Scheduler, Sequence
@@ -36,6 +39,7 @@ class Event:
     # On the first event of a request that asked them: a row per prompt token, None for the first
     # ({"token_id", "logprob", "top": [(id, logprob), ...]}, as `logprobs`).
     prompt_logprobs: list[dict | None] | None = None
+    pooled: torch.Tensor | None = None  # a pooling request's answer, on its last event (router/pooling.py join)
     finish_reason: str | None = None  # "length", "stop", "eos", "cancelled"
     matched_stop: str | None = None
     error: Exception | None = None
@@ -176,6 +180,9 @@ class Runner:
             sampling = dataclasses.replace(sampling, stop_token_ids=tuple(dict.fromkeys((*valid.stop_token_ids, *eos))))
         seq = Sequence(next(self.ids), list(prompt_ids), sampling, rope_variant, samples=valid.max_new_tokens > 0,
                        cache_salt=valid.cache_salt)
+        if valid.pooling is not None:
+            seq.pooling, seq.pool_position = pooling.plan(valid.pooling, seq.prompt_token_ids,
+                                                          self.engine.model.pad_token_id)
         detokenizer = IncrementalDetokenizer(self.tokenizer, valid.stop, valid.skip_special_tokens,
                                              valid.include_stop_str_in_output, sampling.min_tokens)
         self.scheduler.add(seq)
@@ -366,8 +373,12 @@ class Runner:
 
     def _on_token(self, request: Request, seq: Sequence, results: list[dict]) -> None:
         asked_prompt_logprobs = seq.sampling.prompt_logprobs is not None
-        if not seq.samples:  # only the prompt's logprobs were asked: done once it is computed
+        if not seq.samples:  # only the prompt's logprobs or pooled outputs were asked: done once it is computed
+            spec = request.valid.pooling
+            if spec is not None:
+                self.metrics.pooling.labels(spec.task, request.api).inc()
             self._end(request, Event(prompt_logprobs=seq.prompt_logprobs if asked_prompt_logprobs else None,
+                                     pooled=None if spec is None else pooling.join(spec, seq.pooled, seq.num_tokens),
                                      finish_reason="length"))
             return
         token = seq.output_token_ids[-1]

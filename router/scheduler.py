@@ -148,6 +148,11 @@ class Sequence:
     samples: bool = True  # False: only its prompt is computed (for its prompt logprobs), nothing sampled
     # With sampling.prompt_logprobs: a row per prompt token computed so far, None for the first (no context).
     prompt_logprobs: list[dict | None] = field(default_factory=lambda: [None])
+    # A pooling sequence (samples False): SeqPlan.pooling and pool_position of its chunks, and each computed
+    # chunk's part of the answer, in prompt order (router/pooling.py joins them).
+    pooling: str | None = None
+    pool_position: int | None = None
+    pooled: list = field(default_factory=list)
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -305,7 +310,8 @@ class Scheduler:
         by_id = {r["seq_id"]: r for r in results}
         live = [p for p in plans if self._planned.get(p.seq_id) is p]
         missing = [p.seq_id for p in live
-                   if (p.sampling is not None or p.prompt_logprobs is not None) and p.seq_id not in by_id]
+                   if (p.sampling is not None or p.prompt_logprobs is not None or p.pooling is not None)
+                   and p.seq_id not in by_id]
         if missing:  # checked before changing anything, so the caller can still requeue_all()
             raise ValueError(f"step results have no token for sampling sequences {missing} (or no prompt rows)")
         sampled = []
@@ -316,6 +322,9 @@ class Scheduler:
             seq.num_computed_tokens = plan.start + len(plan.token_ids)
             if plan.prompt_logprobs is not None:  # rows of positions start + 1...; a recompute overwrites them
                 seq.prompt_logprobs[plan.start + 1:] = by_id[plan.seq_id]["prompt_logprobs"]
+            if plan.pooling is not None:  # a recompute (after a preemption) starts the parts over
+                seq.pooled = seq.pooled if plan.start else []
+                seq.pooled.append(by_id[plan.seq_id]["pooled"])
             if plan.sampling is not None:
                 seq.output_token_ids.append(by_id[plan.seq_id]["token_id"])
                 sampled.append(seq)
@@ -373,8 +382,8 @@ class Scheduler:
 
     def _take_cached_prefix(self, seq: Sequence) -> None:
         """Start a sequence from the cached blocks of its longest cached prefix: full blocks only, and never
-        its last token (it must compute something to sample). Prompt logprobs need the whole prompt."""
-        if not self.blocks.prefix_caching or seq.sampling.prompt_logprobs is not None:
+        its last token (it must compute something to sample). Prompt logprobs and pooling need the whole prompt."""
+        if not self.blocks.prefix_caching or seq.sampling.prompt_logprobs is not None or seq.pooling is not None:
             return
         seq.block_table = self.blocks.cached(self._block_keys(seq, (seq.num_tokens - 1) // self.blocks.block_size))
         seq.num_computed_tokens = len(seq.block_table) * self.blocks.block_size
@@ -394,7 +403,9 @@ class Scheduler:
 
     def _plan(self, seq: Sequence, chunk: int) -> SeqPlan:
         start, end = seq.num_computed_tokens, seq.num_computed_tokens + chunk
-        if self.blocks.prefix_caching:  # blocks this step fills: later steps, and this one, may share them
+        # Blocks this step fills: later steps, and this one, may share them (not a pooling sequence's: it neither
+        # takes cached blocks nor gives its own).
+        if self.blocks.prefix_caching and seq.pooling is None:
             size = self.blocks.block_size
             for i, key in enumerate(self._block_keys(seq, end // size)[start // size:], start // size):
                 self.blocks.remember(seq.block_table[i], key)
@@ -413,6 +424,8 @@ class Scheduler:
             output_token_ids=list(seq.output_token_ids) if samples else [],  # its length seeds the RNG counter
             prompt_logprobs=seq.sampling.prompt_logprobs if scores else None,
             next_token_id=seq.prompt_token_ids[end] if scores and end < len(seq.prompt_token_ids) else None,
+            pooling=seq.pooling,
+            pool_position=seq.pool_position,
         )
         seq.in_flight = True
         if seq.first_scheduled_time is None:

@@ -28,8 +28,9 @@ from router.openai_server import HttpServer
 from router.runner import EngineUnavailable, Event, Request
 from router.scheduler import QueueFullError
 from router.service import Admission, InternalError, ServingCore
-from router import tool_calls
-from router.validation import RequestError, ValidTools, validate_parameters, validate_token_ids, validate_tools
+from router import pooling, tool_calls
+from router.validation import (RequestError, UnsupportedTask, ValidTools, validate_parameters, validate_pooling,
+                               validate_token_ids, validate_tools)
 from shards.rope import SCALED
 
 log = logging.getLogger(__name__)
@@ -166,6 +167,17 @@ def stream_errors(handler):
     return wrapper
 
 
+async def _refuse(context, e: RequestError | QueueFullError | EngineUnavailable):
+    """The core's client-facing admission errors as gRPC statuses."""
+    if isinstance(e, UnsupportedTask):
+        await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(e), e.violations)
+    if isinstance(e, RequestError):
+        await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e), e.violations)
+    if isinstance(e, QueueFullError):
+        await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+    await _abort(context, grpc.StatusCode.UNAVAILABLE, str(e))
+
+
 class GenerationService(pb_grpc.GenerationServicer):
     """The gRPC API: its messages translated onto the serving core."""
 
@@ -237,12 +249,8 @@ class GenerationService(pb_grpc.GenerationServicer):
 
         try:
             return await self.core.admit(read), tools
-        except RequestError as e:
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e), e.violations)
-        except QueueFullError as e:
-            await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-        except EngineUnavailable as e:
-            await _abort(context, grpc.StatusCode.UNAVAILABLE, str(e))
+        except (RequestError, QueueFullError, EngineUnavailable) as e:
+            await _refuse(context, e)
 
     async def _events(self, request: Request, context):
         def deadline_passed() -> bool:
@@ -327,6 +335,85 @@ class GenerationService(pb_grpc.GenerationServicer):
         return pb.TokenizeResponse(token_ids=ids, tokens=[self.core.tokenizer.id_to_token(i) or "" for i in ids],
                                    rendered=rendered or "")
 
+    async def _pool(self, request, context, spec) -> list[tuple[list[int], Event]]:
+        """Admit every input of a pooling request (all or none; `spec()` reads the task's options) and wait for
+        their answers: (its prompt's ids, its last event) per input, in order."""
+
+        async def read() -> list[Admission]:
+            inputs = []
+            for i, given in enumerate(request.inputs):
+                which = given.WhichOneof("input")
+                if which is None:
+                    raise RequestError([(f"inputs[{i}]", f"one of `inputs[{i}].text` or `inputs[{i}].token_ids` "
+                                                         f"must be set")])
+                inputs.append((f"inputs[{i}].{which}" + (".ids" if which == "token_ids" else ""),
+                               given.text if which == "text" else list(given.token_ids.ids)))
+            return await self.core.pooling_admissions(inputs, spec(), "inputs")
+
+        try:
+            admitted = await self.core.admit_all(read, "grpc")
+        except (RequestError, QueueFullError, EngineUnavailable) as e:
+            await _refuse(context, e)
+        out = []
+        for admitted_request, event in await self.core.pooled(admitted):
+            if event.error is not None:
+                await _abort(context, grpc.StatusCode.UNAVAILABLE, str(event.error))
+            out.append((admitted_request.seq.prompt_token_ids, event))
+        return out
+
+    def _classification(self, logits, prompt_tokens: int = 0) -> pb.Classification:
+        probs = pooling.probabilities(logits)
+        label = int(probs.argmax())
+        return pb.Classification(label_id=label, label=self.runner.engine.model.labels[label], probs=probs.tolist(),
+                                 logits=logits.tolist(), prompt_tokens=prompt_tokens)
+
+    @unary_errors
+    async def Embed(self, request, context):
+        def spec():
+            return validate_pooling(
+                "embed", self.runner.engine.model.hidden_size, request.pooling or None,
+                request.normalize if request.HasField("normalize") else None,
+                request.dimensions if request.HasField("dimensions") else None)
+
+        results = await self._pool(request, context, spec)
+        return pb.EmbedResponse(
+            request_id=request.request_id or uuid.uuid4().hex,
+            embeddings=[pb.Embedding(values=e.pooled.tolist(), prompt_tokens=len(ids)) for ids, e in results],
+            prompt_tokens=sum(len(ids) for ids, _ in results))
+
+    @unary_errors
+    async def Classify(self, request, context):
+        results = await self._pool(request, context, lambda: validate_pooling("classify", 0))
+        return pb.ClassifyResponse(
+            request_id=request.request_id or uuid.uuid4().hex,
+            results=[self._classification(e.pooled, len(ids)) for ids, e in results],
+            labels=self.runner.engine.model.labels, prompt_tokens=sum(len(ids) for ids, _ in results))
+
+    @unary_errors
+    async def ClassifyTokens(self, request, context):
+        results = await self._pool(request, context, lambda: validate_pooling("token_classify", 0))
+        return pb.ClassifyTokensResponse(
+            request_id=request.request_id or uuid.uuid4().hex,
+            results=[pb.TokenClassification(token_ids=ids, tokens=[self._classification(row) for row in e.pooled])
+                     for ids, e in results],
+            labels=self.runner.engine.model.labels, prompt_tokens=sum(len(ids) for ids, _ in results))
+
+    @unary_errors
+    async def ExtractiveQA(self, request, context):
+        max_tokens = request.max_answer_tokens if request.HasField("max_answer_tokens") else 30
+        if max_tokens < 1:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "`max_answer_tokens` must be >= 1, got 0",
+                         [("max_answer_tokens", "`max_answer_tokens` must be >= 1, got 0")])
+        out = pb.QAResponse(request_id=request.request_id or uuid.uuid4().hex)
+        for ids, e in await self._pool(request, context, lambda: validate_pooling("qa", 0)):
+            start, end = e.pooled.unbind(-1)
+            i, j, score = pooling.best_span(start, end, max_tokens)
+            out.results.append(pb.QAResult(token_ids=ids, start_logits=start.tolist(), end_logits=end.tolist(),
+                                           answer_start=i, answer_end=j, score=score,
+                                           answer=self.core.tokenizer.decode(ids[i : j + 1])))
+            out.prompt_tokens += len(ids)
+        return out
+
     @unary_errors
     async def ModelInfo(self, request, context):
         engine = self.runner.engine
@@ -337,6 +424,8 @@ class GenerationService(pb_grpc.GenerationServicer):
             pipeline_parallel_size=c.pipeline_parallel_size, dtype=str(c.dtype or engine.model.dtype).replace("torch.", ""),
             device=c.device, max_new_tokens_limit=self.core.limits.max_new_tokens, num_kv_blocks=engine.num_kv_blocks,
             block_size=engine.block_size, version=_version(), quantization=engine.quantization,
+            tasks=engine.model.tasks, architecture=engine.model.architecture,
+            labels=engine.model.labels if set(engine.model.tasks) & {"classify", "token_classify"} else [],
         )
 
 

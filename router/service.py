@@ -18,8 +18,10 @@ from router.runner import EngineUnavailable, Event, Request, Runner
 from router.scheduler import QueueFullError
 from router.structured import Grammars
 from router.tokenizer import ChatTemplateError, Tokenizer
-from router.validation import Defaults, Limits, RequestError, ValidRequest
+from router.validation import (Defaults, Limits, PoolingSpec, RequestError, UnsupportedTask, ValidRequest,
+                               validate_pooling_prompt, validate_token_ids)
 from shards.rope import ORIGINAL, SCALED
+from shards.sampling import SamplingParams
 
 LONG_TEXT_CHARS = 50_000  # tokenized off the event loop from this length on
 CHAT_MESSAGE_CHARS = 32  # what one chat message counts toward max_input_chars beyond its role and content
@@ -107,6 +109,51 @@ class ServingCore:
             return SCALED
         return ORIGINAL
 
+    # -- tasks and pooling ---------------------------------------------------------------------------------
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """What the served checkpoint's class serves: generate, embed, classify, token_classify, qa."""
+        return self.runner.engine.model.tasks
+
+    def check_task(self, task: str) -> None:
+        if task not in self.tasks:
+            model = self.runner.engine.model.architecture
+            raise UnsupportedTask([("task", f"the served model ({model}) does not serve `{task}` requests; it "
+                                            f"serves: {', '.join(self.tasks)}")])
+
+    async def pooling_admissions(self, inputs: list[tuple[str, str | list[int]]], spec: PoolingSpec,
+                                 field: str) -> list[Admission]:
+        """A pooling request's inputs, (where it sits in the request, text or token ids) each, as admissions:
+        tokenized and within the limits, each computed as one prefill-only sequence. `field` names the list."""
+        if not inputs:
+            raise RequestError([(field, f"`{field}` must not be empty")])
+        if len(inputs) > self.limits.max_pooling_inputs:
+            raise RequestError([(field, f"`{field}` must hold at most {self.limits.max_pooling_inputs} inputs, got "
+                                        f"{len(inputs)}")])
+        valid = ValidRequest(max_new_tokens=0, sampling=SamplingParams(), pooling=spec)
+        out = []
+        for where, given in inputs:
+            if isinstance(given, str):
+                if not given:
+                    raise RequestError([(where, f"`{where}` must not be empty")])
+                self.check_size(where, len(given))
+                ids = await self.encode(given)
+            else:
+                ids = validate_token_ids(given, self.limits.vocab_size, where)
+            validate_pooling_prompt(len(ids), self.limits, where)
+            out.append(Admission(ids, valid))
+        return out
+
+    async def pooled(self, requests: list[Request]) -> list[tuple[Request, Event]]:
+        """Each admitted pooling request with its last event (its answer, or its error)."""
+
+        async def last(request: Request) -> tuple[Request, Event]:
+            async for event in self.events(request):
+                pass
+            return request, event
+
+        return list(await asyncio.gather(*(last(r) for r in requests)))
+
     # -- admission and streaming ------------------------------------------------------------------------
     async def admit(self, read: Callable[[], Awaitable[Admission]], api: str = "grpc") -> Request:
         """Read one request (`read` tokenizes and validates) and hand it to the scheduler."""
@@ -130,6 +177,8 @@ class ServingCore:
             admissions = await read()
             count = len(admissions)
             metrics.received.labels(api).inc(count - 1)
+            for admission in admissions:  # all checked before any is queued
+                self.check_task("generate" if admission.valid.pooling is None else admission.valid.pooling.task)
             # Compiled before anything is queued (a bad constraint refuses the whole request); n choices share one.
             grammars = [admission.valid.constraint and await self.grammars.compile(admission.valid.constraint)
                         for admission in admissions]

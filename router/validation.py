@@ -25,6 +25,11 @@ class RequestError(ValueError):
         super().__init__("; ".join(description for _, description in violations))
 
 
+class UnsupportedTask(RequestError):
+    """A task the served checkpoint has no head for (generation from a classifier, say): FAILED_PRECONDITION /
+    400, since the request is fine and the server is not the one for it."""
+
+
 @dataclass(frozen=True)
 class Limits:
     max_model_len: int
@@ -37,6 +42,7 @@ class Limits:
     max_logit_bias: int = 300  # entries of logit_bias
     max_input_chars: int = 4_000_000
     max_constraint_chars: int = 64_000  # a JSON schema, regex, grammar or the choices (as JSON) at most
+    max_pooling_inputs: int = 256  # texts (or token id lists) one pooling request may carry
 
 
 @dataclass(frozen=True)
@@ -87,6 +93,48 @@ class Constraint:
         return self.kind, self.source
 
 
+POOLING_TASKS = ("embed", "classify", "token_classify", "qa")
+
+
+@dataclass(frozen=True)
+class PoolingSpec:
+    """What a pooling request asks (router/pooling.py runs it). Embeddings: `pooling` "last" (the last token's
+    hidden state) or "mean", the first `dimensions` of it (Matryoshka; None: all), then L2-normalised if asked."""
+
+    task: str  # one of POOLING_TASKS
+    pooling: str = "last"
+    normalize: bool = True
+    dimensions: int | None = None
+
+
+def validate_pooling(task: str, hidden_size: int, pooling: str | None = None, normalize: bool | None = None,
+                     dimensions: int | None = None, names: Mapping[str, str] = {}) -> PoolingSpec:
+    """The embedding options (ignored by the other tasks); `names` maps pooling, normalize and dimensions to
+    the API's field names. Whether the checkpoint serves `task` is the serving core's to say."""
+    if task not in POOLING_TASKS:
+        raise RequestError([(names.get("task", "task"), f"`{names.get('task', 'task')}` must be one of "
+                                                        f"{list(POOLING_TASKS)}, got {task!r}")])
+    bad = []
+    if pooling not in (None, "last", "mean"):
+        name = names.get("pooling", "pooling")
+        bad.append((name, f"`{name}` must be 'last' or 'mean', got {pooling!r}"))
+    if dimensions is not None and not 1 <= dimensions <= hidden_size:
+        name = names.get("dimensions", "dimensions")
+        bad.append((name, f"`{name}` must be >= 1 and <= the hidden size {hidden_size}, got {dimensions}"))
+    if bad:
+        raise RequestError(bad)
+    return PoolingSpec(task, pooling or "last", True if normalize is None else normalize, dimensions)
+
+
+def validate_pooling_prompt(prompt_len: int, limits: Limits, field_name: str) -> None:
+    """A pooling input is computed whole: at least one token, at most max_model_len."""
+    if prompt_len == 0:
+        raise RequestError([(field_name, f"`{field_name}` is empty once tokenized: it must have at least one token")])
+    if prompt_len > limits.max_model_len:
+        raise RequestError([(field_name, f"`{field_name}` has {prompt_len} tokens; it must have at most the maximum "
+                                         f"model length {limits.max_model_len}")])
+
+
 @dataclass
 class ValidRequest:
     max_new_tokens: int
@@ -98,6 +146,7 @@ class ValidRequest:
     include_stop_str_in_output: bool = False  # the matched stop string, or the stop/EOS token's text
     cache_salt: str = ""  # prefix-cache isolation: only requests with the same salt share cached blocks
     constraint: Constraint | None = None
+    pooling: PoolingSpec | None = None  # a pooling request: its prompt is computed, nothing generated
 
 
 def validate_parameters(given: Mapping[str, Any], prompt_len: int, defaults: Defaults, limits: Limits,

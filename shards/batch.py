@@ -31,6 +31,11 @@ class SeqPlan:
     # A structured-output sequence's allowed next tokens, set with `sampling`: a packed bitmask (little-endian
     # int32 words, bit i of word w allows id 32w + i), computed by the router's grammar matcher. None: any.
     token_mask: bytes | None = None
+    # Set on the prompt chunks of a pooling request, which never samples: what the last stage returns for the
+    # chunk's rows instead. "head": the pooling head's outputs, "hidden": the final hidden states, "hidden_sum":
+    # their sum over the chunk (mean pooling). With pool_position, only the row at that position (if in the chunk).
+    pooling: str | None = None
+    pool_position: int | None = None
 
     @property
     def prompt_targets(self) -> list[int]:
@@ -65,6 +70,7 @@ class StepBatch:
     sample_rows: torch.Tensor  # [S] token rows whose logits are sampled
     sampling_seqs: list[SeqPlan]
     prompt_scored: list[tuple[SeqPlan, int]]  # sequences asking prompt logprobs, with their first token row
+    pooled: list[tuple[SeqPlan, int]]  # pooling sequences, with their first token row
 
     @property
     def num_tokens(self) -> int:
@@ -73,7 +79,7 @@ class StepBatch:
     @classmethod
     def build(cls, seqs: list[SeqPlan], block_size: int, device) -> "StepBatch":
         ids, positions, variants, slots = [], [], [], []
-        prefills, decode_rows, decode_lens, decode_tables, sample_rows, scored = [], [], [], [], [], []
+        prefills, decode_rows, decode_lens, decode_tables, sample_rows, scored, pooled = [], [], [], [], [], [], []
         query_start, seq_lens, tables = [], [], []
         for seq in seqs:
             first, count = len(ids), len(seq.token_ids)
@@ -100,6 +106,8 @@ class StepBatch:
                 sample_rows.append(first + count - 1)
             if seq.prompt_logprobs is not None:
                 scored.append((seq, first))
+            if seq.pooling is not None:
+                pooled.append((seq, first))
         width = max((len(t) for t in decode_tables), default=0)
         decode_tables = [t + [0] * (width - len(t)) for t in decode_tables]
         all_width = max((len(t) for t in tables), default=0)
@@ -123,4 +131,5 @@ class StepBatch:
             sample_rows=tensor(sample_rows),
             sampling_seqs=[s for s in seqs if s.sampling is not None],
             prompt_scored=scored,
+            pooled=pooled,
         )

@@ -15,7 +15,8 @@ import shutil
 import torch
 from safetensors.torch import save_file
 
-from shards.config import DTYPES
+from shards.config import DTYPES, TASKS, Qwen2Config
+from shards.model import HEADS
 
 BOS = 151643  # <|endoftext|>
 IM_END = 151645  # <|im_end|>: the instruct models' end of turn
@@ -100,9 +101,32 @@ def _tensor_specs(config: dict) -> list[tuple[str, tuple[int, ...], str]]:
             (p + "post_attention_layernorm.weight", (h,), "norm"),
         ]
     specs.append(("model.norm.weight", (h,), "norm"))
-    if not config.get("tie_word_embeddings", False):
+    model = Qwen2Config.from_dict(config)
+    if "generate" in model.tasks and not config.get("tie_word_embeddings", False):
         specs.append(("lm_head.weight", (config["vocab_size"], h), "matrix"))
-    return specs
+    if model.architecture in HEADS:
+        name, outputs, bias = HEADS[model.architecture]
+        specs.append((f"{name}.weight", (outputs or model.num_labels, h), "matrix"))
+        if bias and config.get("token_classification_bias", True):
+            specs.append((f"{name}.bias", (outputs or model.num_labels,), "bias"))
+    # The decoder's tensors under the class's base_model_prefix (QA: transformer., Qwen2Model: none).
+    return [(model.base_prefix + n.removeprefix("model.") if n.startswith("model.") else n, shape, kind)
+            for n, shape, kind in specs]
+
+
+def with_architecture(config: dict, architecture: str, num_labels: int = 2) -> dict:
+    """A copy of a causal-LM config as `architecture`'s: its labels (LABEL_i) and, for the classifiers,
+    pad_token_id (Qwen2's <|endoftext|>, which fine-tuned Qwen2 classifiers pad with, where the vocabulary holds
+    it) unless it sets one."""
+    if architecture not in TASKS:
+        raise ValueError(f"unknown architecture {architecture!r}; valid: {', '.join(TASKS)}")
+    config = {**config, "architectures": [architecture]}
+    if architecture in ("Qwen2ForSequenceClassification", "Qwen2ForTokenClassification"):
+        config["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}
+        config["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
+        if config["vocab_size"] > BOS:
+            config.setdefault("pad_token_id", BOS)
+    return config
 
 
 # init-random --quantization NAME: the quantization_config Qwen's published checkpoints carry.

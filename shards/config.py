@@ -9,6 +9,16 @@ import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+# The Qwen2 classes a checkpoint's `architectures` may name -> the tasks it serves. Every one serves embeddings
+# (the final norm's hidden states, pooled); each head class serves its own task; only the causal LM generates.
+TASKS = {
+    "Qwen2ForCausalLM": ("generate", "embed"),
+    "Qwen2ForSequenceClassification": ("classify", "embed"),
+    "Qwen2ForTokenClassification": ("token_classify", "embed"),
+    "Qwen2ForQuestionAnswering": ("qa", "embed"),
+    "Qwen2Model": ("embed",),
+}
+
 
 @dataclass(frozen=True)
 class RopeScaling:
@@ -43,6 +53,9 @@ class Qwen2Config:
     sliding_windows: tuple[int | None, ...] = ()
     dtype: torch.dtype = torch.float32
     eos_token_ids: tuple[int, ...] = ()  # config.json's, plus generation_config.json's (from_pretrained)
+    architecture: str = "Qwen2ForCausalLM"  # one of TASKS
+    num_labels: int = 2  # the classification heads' outputs
+    pad_token_id: int | None = None  # sequence classification pools the last token that is not this one
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -53,12 +66,30 @@ class Qwen2Config:
             return max(scaled, self.max_position_embeddings)
         return self.max_position_embeddings
 
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return TASKS[self.architecture]
+
+    @property
+    def base_prefix(self) -> str:
+        """Where the decoder's tensors sit in the checkpoint (each class's base_model_prefix in transformers)."""
+        return {"Qwen2ForQuestionAnswering": "transformer.", "Qwen2Model": ""}.get(self.architecture, "model.")
+
+    @property
+    def labels(self) -> list[str]:
+        """The classification heads' label names by index (id2label; transformers' LABEL_i where absent)."""
+        id2label = self.raw.get("id2label") or {}
+        return [str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(self.num_labels)]
+
     @classmethod
     def from_dict(cls, cfg: dict) -> "Qwen2Config":
         heads = cfg["num_attention_heads"]
         layers = cfg["num_hidden_layers"]
         theta, scaling = _read_rope(cfg)
         dtype_name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+        architecture = (cfg.get("architectures") or ["Qwen2ForCausalLM"])[0]
+        if architecture not in TASKS:
+            raise ValueError(f"architecture {architecture!r} is not supported (supported: {', '.join(TASKS)})")
         if dtype_name not in DTYPES:
             raise ValueError(f"config dtype {dtype_name!r} is not one of {sorted(DTYPES)}")
         return cls(
@@ -77,6 +108,9 @@ class Qwen2Config:
             sliding_windows=_read_sliding_windows(cfg, layers),
             dtype=DTYPES[dtype_name],
             eos_token_ids=_ids(cfg.get("eos_token_id")),
+            architecture=architecture,
+            num_labels=cfg.get("num_labels") or len(cfg.get("id2label") or {}) or 2,
+            pad_token_id=cfg.get("pad_token_id"),
             raw=cfg,
         )
 

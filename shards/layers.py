@@ -54,6 +54,21 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+class ReplicatedLinear(nn.Module):
+    """A small linear every rank holds whole (the classification and QA heads: a few outputs each)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype=torch.float32):
+        super().__init__()
+        self.weight = _parameter((out_features, in_features), self._load, dtype)
+        self.bias = _parameter((out_features,), self._load, dtype) if bias else None
+
+    def _load(self, param, source, shard_id=None):
+        return copy_into(param.data, read_slice(source, param.shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
 class ColumnParallelLinear(nn.Module):
     """Output features split over TP ranks; the output stays split (no collective).
 

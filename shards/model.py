@@ -1,7 +1,8 @@
 """Qwen2 as one pipeline stage of one tensor-parallel rank: the layers it owns, over a paged KV cache.
 
 The first stage embeds token ids, middle stages map hidden states to hidden states, the last stage applies
-the final norm and the (vocab-parallel) LM head. With one stage and one rank this is the whole model.
+the final norm and the head of the checkpoint's class: the (vocab-parallel) LM head, or a small classification
+or QA head replicated on each TP rank, or none (Qwen2Model). With one stage and one rank this is the whole model.
 """
 
 import torch
@@ -12,6 +13,7 @@ from shards.attention import load_backend, write_kv
 from shards.batch import StepBatch
 from shards.config import Qwen2Config
 from shards.layers import (
+    ReplicatedLinear,
     RMSNorm,
     RowParallelLinear,
     VocabParallelEmbedding,
@@ -23,6 +25,13 @@ from shards.parallel import ParallelGroups
 from shards.quant import QuantConfig, linear_method
 from shards.rope import RotaryEmbedding, apply_rotary
 
+
+# The pooling heads: checkpoint module name, outputs (None: num_labels) and bias, per class.
+HEADS = {
+    "Qwen2ForSequenceClassification": ("score", None, False),
+    "Qwen2ForTokenClassification": ("score", None, True),
+    "Qwen2ForQuestionAnswering": ("qa_outputs", 2, True),
+}
 
 # Our fused parameters and the checkpoint tensors (with shard ids) they are made of.
 FUSED = {
@@ -106,10 +115,16 @@ class Qwen2Stage(nn.Module):
             for i in self.layer_range
         )
         self.rotary = RotaryEmbedding(config)
+        self.lm_head = self.head = None
         if groups.is_last_stage:
             self.norm = RMSNorm(hidden, config.rms_norm_eps, dt)
-            tied_here = config.tie_word_embeddings and groups.is_first_stage
-            self.lm_head = self.embed_tokens if tied_here else VocabParallelEmbedding(vocab, hidden, groups, dt)
+            if "generate" in config.tasks:
+                tied_here = config.tie_word_embeddings and groups.is_first_stage
+                self.lm_head = self.embed_tokens if tied_here else VocabParallelEmbedding(vocab, hidden, groups, dt)
+            if config.architecture in HEADS:
+                name, outputs, bias = HEADS[config.architecture]
+                bias = bias and config.raw.get("token_classification_bias", True)
+                self.head_name, self.head = name, ReplicatedLinear(hidden, outputs or config.num_labels, bias, dt)
 
     def forward(self, batch: StepBatch, kv_cache: torch.Tensor, hidden: torch.Tensor | None = None):
         """Hidden states [T, hidden] after this stage's layers (normed on the last stage)."""
@@ -125,6 +140,11 @@ class Qwen2Stage(nn.Module):
         logits = self.lm_head.logits(hidden)
         return None if logits is None else logits.float()
 
+    def pool_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 outputs [rows, labels] of the checkpoint's pooling head on these rows (any TP rank: it is
+        replicated, no collective)."""
+        return self.head(hidden).float()
+
     def checkpoint_targets(self) -> dict[str, list[tuple[nn.Parameter, object]]]:
         """Checkpoint tensor name -> the (parameter, shard id) pairs it fills on this rank."""
         targets: dict[str, list] = {}
@@ -132,18 +152,22 @@ class Qwen2Stage(nn.Module):
         def add(name, param, shard_id=None):
             targets.setdefault(name, []).append((param, shard_id))
 
+        base = self.config.base_prefix
         if self.groups.is_first_stage:
-            add("model.embed_tokens.weight", self.embed_tokens.weight)
+            add(f"{base}embed_tokens.weight", self.embed_tokens.weight)
         if self.groups.is_last_stage:
-            add("model.norm.weight", self.norm.weight)
-            if not self.config.tie_word_embeddings:
+            add(f"{base}norm.weight", self.norm.weight)
+            if self.lm_head is not None and not self.config.tie_word_embeddings:
                 add("lm_head.weight", self.lm_head.weight)
-            elif not self.groups.is_first_stage:
-                add("model.embed_tokens.weight", self.lm_head.weight)
+            elif self.lm_head is not None and not self.groups.is_first_stage:
+                add(f"{base}embed_tokens.weight", self.lm_head.weight)
+            if self.head is not None:
+                for kind, param in self.head.named_parameters():
+                    add(f"{self.head_name}.{kind}", param)
         for i, layer in zip(self.layer_range, self.layers):
             for local_name, param in layer.named_parameters():
                 module, kind = local_name.rsplit(".", 1)
                 kind = getattr(param, "checkpoint_name", kind)  # a pre-quantized NF4 weight's "weight.absmax", ...
                 for checkpoint_module, shard_id in FUSED.get(module, [(module, None)]):
-                    add(f"model.layers.{i}.{checkpoint_module}.{kind}", param, shard_id)
+                    add(f"{base}layers.{i}.{checkpoint_module}.{kind}", param, shard_id)
         return targets

@@ -88,14 +88,16 @@ class ShardWorker:
     @torch.inference_mode()
     def execute(self, seqs: list[SeqPlan]) -> list[dict] | None:
         """One step: forward, then sample on the driver rank. Returns, on the driver, one dict per sequence
-        that samples or scores its prompt: {"seq_id"}, with "token_id", "logprob", "top" if it samples and
-        "prompt_logprobs" (a row per prompt_targets) if it scores; None elsewhere."""
+        that samples, scores its prompt or pools: {"seq_id"}, with "token_id", "logprob", "top" if it samples,
+        "prompt_logprobs" (a row per prompt_targets) if it scores, "pooled" (see _pool) if it pools; None
+        elsewhere."""
         hidden, batch = self._hidden(seqs)
         if hidden is None:
             return None
-        logits = self.model.logits(hidden[batch.sample_rows])
+        # Every TP rank of the last stage gathers the vocabulary (a collective), whether it samples or not.
+        logits = None if self.model.lm_head is None else self.model.logits(hidden[batch.sample_rows])
         prompt = self._prompt_logprobs(hidden, batch)
-        if logits is None:
+        if not self.groups.is_driver:
             return None
         out, began = {}, time.perf_counter()
         if batch.sampling_seqs:
@@ -108,7 +110,20 @@ class ShardWorker:
         self.last_sample_s = time.perf_counter() - began  # to_lists synchronised with the device
         for seq_id, rows in prompt.items():
             out.setdefault(seq_id, {"seq_id": seq_id})["prompt_logprobs"] = rows
+        for seq, first in batch.pooled:
+            out.setdefault(seq.seq_id, {"seq_id": seq.seq_id})["pooled"] = self._pool(hidden, seq, first)
         return list(out.values())
+
+    def _pool(self, hidden: torch.Tensor, seq: SeqPlan, first: int) -> torch.Tensor:
+        """This chunk's part of a pooling sequence's output, float32 on the CPU (the router joins the chunks):
+        rows [n, width] (n = 0 or 1 with pool_position), or for "hidden_sum" the sum of its rows [width]."""
+        rows = hidden[first : first + len(seq.token_ids)]
+        if seq.pool_position is not None:
+            i = seq.pool_position - seq.start
+            rows = rows[i : i + 1] if 0 <= i < len(rows) else rows[:0]
+        if seq.pooling == "hidden_sum":
+            return rows.float().sum(0).cpu()
+        return (self.model.pool_head(rows) if seq.pooling == "head" else rows.float()).cpu()
 
     def _prompt_logprobs(self, hidden: torch.Tensor, batch: StepBatch) -> dict[int, list[dict]]:
         """seq_id -> the logprob (and top-n) of each of its prompt_targets, on the driver ({} elsewhere).

@@ -94,3 +94,18 @@ def count_collectives(rank, world, model_dir, tp, pp, prompts):
     worker.forward([SeqPlan(i, p, 0, tables[i], 0, SamplingParams()) for i, p in enumerate(prompts)])
     return {"calls": calls, "stats": dict(parallel.COMM_STATS), "layers": len(worker.model.layers),
             "first": worker.groups.is_first_stage, "last": worker.groups.is_last_stage}
+
+
+def pooled_parts(rank, world, model_dirs, tp, pp, steps):
+    """Run the same pooling steps (lists of SeqPlans) on each checkpoint; on the driver, per checkpoint, each
+    sequence's pooled parts in step order ({seq_id: [tensor, ...]})."""
+    groups = init_groups(tp, pp)
+    out = []
+    for model_dir in model_dirs:
+        worker = ShardWorker(model_dir, groups, num_kv_blocks=64, block_size=BLOCK_SIZE)
+        parts = {}
+        for step in steps:
+            for row in worker.execute(step) or []:
+                parts.setdefault(row["seq_id"], []).append(row["pooled"])
+        out.append(parts)
+    return out if groups.is_driver else None

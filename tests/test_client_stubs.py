@@ -61,5 +61,5 @@ def test_stubs_import_as_part_of_the_package():
     assert serving_pb2_grpc.qwen2_dot_serving_dot_v1_dot_serving__pb2 is serving_pb2  # the relative import
     assert serving_pb2.DESCRIPTOR.package == "qwen2.serving.v1"
     assert {m.name for m in serving_pb2.DESCRIPTOR.services_by_name["Generation"].methods} == {
-        "Generate", "GenerateStream", "Tokenize", "ModelInfo"}
+        "Generate", "GenerateStream", "Tokenize", "ModelInfo", "Embed", "Classify", "ClassifyTokens", "ExtractiveQA"}
     assert hasattr(serving_pb2_grpc, "GenerationStub") and hasattr(serving_pb2_grpc, "add_GenerationServicer_to_server")

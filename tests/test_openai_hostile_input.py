@@ -20,7 +20,8 @@ from tests.server_process import InProcessServer
 
 VOCAB = preset_config("tiny")["vocab_size"]
 MAX_BODY, MAX_INPUT_CHARS, MAX_NEW_TOKENS = 2**18, 20_000, 16
-ROUTES = ["/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"]
+ROUTES = ["/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize", "/v1/embeddings", "/classify",
+          "/pooling"]
 
 
 def fuzz(examples: int) -> settings:

@@ -6,20 +6,24 @@
 """
 
 from .aio import AsyncClient, AsyncDeltaStream
-from .build import GenerationParams, build_generate_request, build_parameters, build_tokenize_request
+from .build import (GenerationParams, build_embed_request, build_generate_request, build_parameters, build_qa_request,
+                    build_tokenize_request)
 from .client import Client, DeltaStream
 from .errors import (AuthenticationError, CancelledError, DeadlineError, OverloadedError, Qwen2Error,
-                     ServerError, UnavailableError, ValidationError, error_from_rpc, error_from_status)
+                     ServerError, UnavailableError, UnsupportedTaskError, ValidationError, error_from_rpc,
+                     error_from_status)
 from .retry import RetryPolicy
-from .types import (Delta, FinalInfo, ModelInfo, Result, Timings, TokenizeResult, TokenLogprob, TopLogprob,
-                    Usage)
+from .types import (Classification, Delta, Embedding, FinalInfo, ModelInfo, QAResult, Result, Timings,
+                    TokenClassification, TokenizeResult, TokenLogprob, TopLogprob, Usage)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AsyncClient", "AsyncDeltaStream", "AuthenticationError", "CancelledError", "Client", "DeadlineError",
-    "Delta", "DeltaStream", "FinalInfo", "GenerationParams", "ModelInfo", "OverloadedError", "Qwen2Error",
-    "Result", "RetryPolicy", "ServerError", "Timings", "TokenLogprob", "TokenizeResult", "TopLogprob",
-    "UnavailableError", "Usage", "ValidationError", "build_generate_request", "build_parameters",
-    "build_tokenize_request", "error_from_rpc", "error_from_status", "__version__",
+    "AsyncClient", "AsyncDeltaStream", "AuthenticationError", "CancelledError", "Classification", "Client",
+    "DeadlineError", "Delta", "DeltaStream", "Embedding", "FinalInfo", "GenerationParams", "ModelInfo",
+    "OverloadedError", "QAResult", "Qwen2Error", "Result", "RetryPolicy", "ServerError", "Timings",
+    "TokenClassification", "TokenLogprob", "TokenizeResult", "TopLogprob", "UnavailableError",
+    "UnsupportedTaskError", "Usage", "ValidationError", "build_embed_request", "build_generate_request",
+    "build_parameters", "build_qa_request", "build_tokenize_request", "error_from_rpc", "error_from_status",
+    "__version__",
 ]

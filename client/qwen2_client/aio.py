@@ -12,12 +12,14 @@ from typing_extensions import Unpack
 
 from ._common import (DEFAULT_TARGET, Deadline, PemSource, call_metadata, channel_credentials,
                       channel_options)
-from .build import GenerationParams, Message, Prompt, build_generate_request, build_tokenize_request
+from .build import (GenerationParams, Message, PoolingInputs, Prompt, build_embed_request, build_generate_request,
+                    build_qa_request, build_tokenize_request, pooling_inputs)
 from .errors import DeadlineError, UnavailableError, error_from_rpc
 from .proto import serving_pb2 as pb
 from .proto import serving_pb2_grpc as pb_grpc
 from .retry import NO_RETRY, RetryPolicy
-from .types import Delta, ModelInfo, Result, TokenizeResult
+from .types import (Classification, Delta, Embedding, ModelInfo, QAResult, Result, TokenClassification,
+                    TokenizeResult)
 
 
 class AsyncClient:
@@ -88,6 +90,35 @@ class AsyncClient:
         req = build_tokenize_request(prompt, text=text, messages=messages,
                                      add_generation_prompt=add_generation_prompt)
         return TokenizeResult.from_pb(await self._unary(self._stub.Tokenize, req, timeout))
+
+    # -- pooling: one result per input (a text or a list of token ids), in order ------------------------
+    async def embed(self, inputs: PoolingInputs, *, pooling: str | None = None, normalize: bool | None = None,
+                    dimensions: int | None = None, request_id: str | None = None,
+                    timeout: float | None = None) -> list[Embedding]:
+        """Embeddings: the last token's final hidden state (`pooling` "last", the default) or their "mean", the
+        first `dimensions` values, L2-normalised unless `normalize` is False."""
+        req = build_embed_request(inputs, pooling=pooling, normalize=normalize, dimensions=dimensions,
+                                  request_id=request_id)
+        return [Embedding.from_pb(e) for e in (await self._unary(self._stub.Embed, req, timeout)).embeddings]
+
+    async def classify(self, inputs: PoolingInputs, *, request_id: str | None = None,
+                       timeout: float | None = None) -> list[Classification]:
+        """Sequence classification (a Qwen2ForSequenceClassification checkpoint, e.g. a reward model)."""
+        req = pb.PoolingRequest(inputs=pooling_inputs(inputs), request_id=request_id or "")
+        return [Classification.from_pb(c) for c in (await self._unary(self._stub.Classify, req, timeout)).results]
+
+    async def classify_tokens(self, inputs: PoolingInputs, *, request_id: str | None = None,
+                              timeout: float | None = None) -> list[TokenClassification]:
+        """Token classification (a Qwen2ForTokenClassification checkpoint): a label per token."""
+        req = pb.PoolingRequest(inputs=pooling_inputs(inputs), request_id=request_id or "")
+        resp = await self._unary(self._stub.ClassifyTokens, req, timeout)
+        return [TokenClassification.from_pb(t) for t in resp.results]
+
+    async def extractive_qa(self, inputs: PoolingInputs, *, max_answer_tokens: int | None = None,
+                            request_id: str | None = None, timeout: float | None = None) -> list[QAResult]:
+        """Extractive QA (a Qwen2ForQuestionAnswering checkpoint): each input holds the question and the context."""
+        req = build_qa_request(inputs, max_answer_tokens=max_answer_tokens, request_id=request_id)
+        return [QAResult.from_pb(r) for r in (await self._unary(self._stub.ExtractiveQA, req, timeout)).results]
 
     async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         return ModelInfo.from_pb(await self._unary(self._stub.ModelInfo, pb.ModelInfoRequest(), timeout))

@@ -189,3 +189,40 @@ def build_tokenize_request(prompt: str | Sequence[Message] | None = None, *, tex
     if add_generation_prompt is not None and kind != "messages":
         raise TypeError("add_generation_prompt applies to chat messages only")
     return req
+
+
+PoolingInputs = Union[str, Sequence[int], Sequence[str], Sequence[Sequence[int]]]
+
+
+def pooling_inputs(inputs: PoolingInputs) -> list[pb.PoolingInput]:
+    """One text, one list of token ids, or a list of either: as the pooling RPCs' `inputs`."""
+    if isinstance(inputs, str) or (isinstance(inputs, Sequence) and inputs
+                                   and all(isinstance(x, int) and not isinstance(x, bool) for x in inputs)):
+        inputs = [inputs]
+    out = []
+    for x in inputs:
+        if isinstance(x, str):
+            out.append(pb.PoolingInput(text=x))
+        elif isinstance(x, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in x):
+            out.append(pb.PoolingInput(token_ids=pb.TokenIds(ids=x)))
+        else:
+            raise TypeError(f"each input must be a str or a list of token ids, got {x!r}")
+    return out
+
+
+def build_embed_request(inputs: PoolingInputs, *, pooling: str | None = None, normalize: bool | None = None,
+                        dimensions: int | None = None, request_id: str | None = None) -> pb.EmbedRequest:
+    req = pb.EmbedRequest(inputs=pooling_inputs(inputs), request_id=request_id or "", pooling=pooling or "")
+    if normalize is not None:
+        req.normalize = normalize
+    if dimensions is not None:
+        req.dimensions = dimensions
+    return req
+
+
+def build_qa_request(inputs: PoolingInputs, *, max_answer_tokens: int | None = None,
+                     request_id: str | None = None) -> pb.QARequest:
+    req = pb.QARequest(inputs=pooling_inputs(inputs), request_id=request_id or "")
+    if max_answer_tokens is not None:
+        req.max_answer_tokens = max_answer_tokens
+    return req

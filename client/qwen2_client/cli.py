@@ -4,6 +4,10 @@
     qwen2-client --target host:50051 stream --token-ids 9707,11,1879 --max-new-tokens 32
     qwen2-client chat '[{"role": "user", "content": "Hi"}]'        # or chat @messages.json
     qwen2-client tokenize "Hello world"
+    qwen2-client classify "I loved it" "I hated it"                  # a sequence classifier / reward model
+    qwen2-client embed "a sentence" --pooling mean --dimensions 256 --json
+    qwen2-client classify-tokens "Alice lives in Paris"
+    qwen2-client qa "Question: who lives in Paris? Context: Alice lives in Paris."
     qwen2-client info
     qwen2-client health
 
@@ -14,6 +18,7 @@ Exit status: 0 ok, 2 invalid request (or usage), 3 server unavailable / overload
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -142,6 +147,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-generation-prompt", dest="add_generation_prompt", action="store_false")
     p.add_argument("--json", action="store_true")
 
+    for name, help in (("classify", "sequence classification: each input's label and probability"),
+                       ("classify-tokens", "token classification: each token's label"),
+                       ("qa", "extractive QA: each input's (question and context) best answer span"),
+                       ("embed", "embeddings: one JSON list of floats per input")):
+        p = command(name, help)
+        p.add_argument("text", nargs="*", metavar="TEXT", help="inputs ('-' reads one from stdin)")
+        p.add_argument("--token-ids", type=int_list, action="append", metavar="IDS",
+                       help="an input as token ids, comma-separated (repeatable)")
+        p.add_argument("--request-id")
+        p.add_argument("--json", action="store_true", help="print the results as one JSON list")
+        if name == "embed":
+            p.add_argument("--pooling", choices=["last", "mean"], help="default: last")
+            p.add_argument("--no-normalize", dest="normalize", action="store_false", default=None)
+            p.add_argument("--dimensions", type=int, help="keep the first N values (Matryoshka)")
+        if name == "qa":
+            p.add_argument("--max-answer-tokens", type=int)
+
     p = command("info", "print the served model's information")
     p.add_argument("--json", action="store_true")
 
@@ -267,6 +289,8 @@ def run(args: argparse.Namespace, out=None) -> int:
                 if r.rendered:
                     print(r.rendered, file=sys.stderr)
                 print(",".join(map(str, r.token_ids)), file=out)
+        elif args.command in ("classify", "classify-tokens", "qa", "embed"):
+            _pool(client, args, out)
         elif args.command == "info":
             info = client.model_info()
             if args.json:
@@ -279,6 +303,29 @@ def run(args: argparse.Namespace, out=None) -> int:
             print(status, file=out)
             return EXIT_OK if status == "SERVING" else EXIT_UNAVAILABLE
     return EXIT_OK
+
+
+def _pool(client: Client, args: argparse.Namespace, out) -> None:
+    inputs = [read_arg(t) for t in args.text] + (args.token_ids or [])
+    if not inputs:
+        raise UsageError("give at least one TEXT or --token-ids")
+    if args.command == "embed":
+        results = client.embed(inputs, pooling=args.pooling, normalize=args.normalize, dimensions=args.dimensions,
+                               request_id=args.request_id)
+        lines = [json.dumps(r.values) for r in results]
+    elif args.command == "classify":
+        results = client.classify(inputs, request_id=args.request_id)
+        lines = [f"{r.label}\t{r.probs[r.label_id]:.4f}" for r in results]
+    elif args.command == "classify-tokens":
+        results = client.classify_tokens(inputs, request_id=args.request_id)
+        lines = [" ".join(f"{t}:{c.label}" for t, c in zip(r.token_ids, r.tokens)) for r in results]
+    else:
+        results = client.extractive_qa(inputs, max_answer_tokens=args.max_answer_tokens, request_id=args.request_id)
+        lines = [r.answer for r in results]
+    if args.json:
+        print(json.dumps([dataclasses.asdict(r) for r in results], ensure_ascii=False), file=out)
+    else:
+        print("\n".join(lines), file=out)
 
 
 def exit_code(err: BaseException) -> int:
@@ -307,7 +354,7 @@ def error_line(err: BaseException) -> str:
     """One line: the status and the server's message; for INVALID_ARGUMENT every field violation."""
     msg = str(err)
     if isinstance(err, ValidationError) and err.field_violations:
-        msg = "INVALID_ARGUMENT: " + "; ".join(f"{f}: {d}" if f else d for f, d in err.field_violations)
+        msg = f"{err.code.name if err.code else 'INVALID_ARGUMENT'}: " + "; ".join(f"{f}: {d}" if f else d for f, d in err.field_violations)
     return " ".join(msg.split())
 
 

@@ -42,6 +42,11 @@ class ValidationError(Qwen2Error, ValueError):
         self.field_violations: list[tuple[str, str]] = list(field_violations or [])
 
 
+class UnsupportedTaskError(ValidationError):
+    """FAILED_PRECONDITION: the served checkpoint does not serve this task (generation from a classifier, a
+    classification from a causal LM); ModelInfo.tasks lists the ones it does."""
+
+
 class OverloadedError(Qwen2Error):
     """RESOURCE_EXHAUSTED: the server's queue is full (retried with backoff before being raised)."""
 
@@ -68,6 +73,7 @@ class AuthenticationError(ServerError):
 
 _BY_CODE: dict[grpc.StatusCode, type[Qwen2Error]] = {
     grpc.StatusCode.INVALID_ARGUMENT: ValidationError,
+    grpc.StatusCode.FAILED_PRECONDITION: UnsupportedTaskError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: OverloadedError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineError,
@@ -113,12 +119,12 @@ def error_from_status(code: grpc.StatusCode | None, details: str | None, trailin
         details = status.message
     name = code.name if code is not None else "UNKNOWN"
     cls = _BY_CODE.get(code, ServerError)
-    if cls is ValidationError:
+    if issubclass(cls, ValidationError):
         violations = field_violations(status)
         shown = details
         if violations and not details:
             shown = "; ".join(f"{f}: {d}" for f, d in violations)
-        return ValidationError(f"{name}: {shown}" if shown else name, code=code, details=details,
+        return cls(f"{name}: {shown}" if shown else name, code=code, details=details,
                                status=status, field_violations=violations)
     return cls(f"{name}: {details}" if details else name, code=code, details=details, status=status)
 

@@ -175,6 +175,9 @@ class ModelInfo:
     block_size: int
     version: str
     quantization: str = ""  # "none", or the weights' format (servers before it: "")
+    tasks: list[str] = field(default_factory=list)  # "generate", "embed", "classify", "token_classify", "qa"
+    architecture: str = ""
+    labels: list[str] = field(default_factory=list)  # the classification head's, by label id
 
     @classmethod
     def from_pb(cls, m: pb.ModelInfoResponse) -> "ModelInfo":
@@ -183,8 +186,62 @@ class ModelInfo:
             eos_token_ids=list(m.eos_token_ids), tensor_parallel_size=m.tensor_parallel_size,
             pipeline_parallel_size=m.pipeline_parallel_size, dtype=m.dtype, device=m.device,
             max_new_tokens_limit=m.max_new_tokens_limit, num_kv_blocks=m.num_kv_blocks,
-            block_size=m.block_size, version=m.version, quantization=m.quantization,
+            block_size=m.block_size, version=m.version, quantization=m.quantization, tasks=list(m.tasks),
+            architecture=m.architecture, labels=list(m.labels),
         )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Embedding:
+    values: list[float]
+    prompt_tokens: int
+
+    @classmethod
+    def from_pb(cls, m: pb.Embedding) -> "Embedding":
+        return cls(list(m.values), m.prompt_tokens)
+
+
+@dataclass(frozen=True)
+class Classification:
+    """A sequence's (or a token's) label: the most probable one, and every label's probability and logit."""
+
+    label_id: int
+    label: str
+    probs: list[float]
+    logits: list[float]
+    prompt_tokens: int = 0  # a sequence's; 0 for a token's
+
+    @classmethod
+    def from_pb(cls, m: pb.Classification) -> "Classification":
+        return cls(m.label_id, m.label, list(m.probs), list(m.logits), m.prompt_tokens)
+
+
+@dataclass(frozen=True)
+class TokenClassification:
+    token_ids: list[int]
+    tokens: list[Classification]  # one per token
+
+    @classmethod
+    def from_pb(cls, m: pb.TokenClassification) -> "TokenClassification":
+        return cls(list(m.token_ids), [Classification.from_pb(t) for t in m.tokens])
+
+
+@dataclass(frozen=True)
+class QAResult:
+    """Start/end logits per token and the best span: tokens [answer_start, answer_end] (inclusive), its text."""
+
+    token_ids: list[int]
+    start_logits: list[float]
+    end_logits: list[float]
+    answer_start: int
+    answer_end: int
+    answer: str
+    score: float
+
+    @classmethod
+    def from_pb(cls, m: pb.QAResult) -> "QAResult":
+        return cls(list(m.token_ids), list(m.start_logits), list(m.end_logits), m.answer_start, m.answer_end,
+                   m.answer, m.score)

@@ -54,6 +54,26 @@ class GenerationStub:
                 request_serializer=qwen2_dot_serving_dot_v1_dot_serving__pb2.ModelInfoRequest.SerializeToString,
                 response_deserializer=qwen2_dot_serving_dot_v1_dot_serving__pb2.ModelInfoResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/qwen2.serving.v1.Generation/Embed',
+                request_serializer=qwen2_dot_serving_dot_v1_dot_serving__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=qwen2_dot_serving_dot_v1_dot_serving__pb2.EmbedResponse.FromString,
+                _registered_method=True)
+        self.Classify = channel.unary_unary(
+                '/qwen2.serving.v1.Generation/Classify',
+                request_serializer=qwen2_dot_serving_dot_v1_dot_serving__pb2.PoolingRequest.SerializeToString,
+                response_deserializer=qwen2_dot_serving_dot_v1_dot_serving__pb2.ClassifyResponse.FromString,
+                _registered_method=True)
+        self.ClassifyTokens = channel.unary_unary(
+                '/qwen2.serving.v1.Generation/ClassifyTokens',
+                request_serializer=qwen2_dot_serving_dot_v1_dot_serving__pb2.PoolingRequest.SerializeToString,
+                response_deserializer=qwen2_dot_serving_dot_v1_dot_serving__pb2.ClassifyTokensResponse.FromString,
+                _registered_method=True)
+        self.ExtractiveQA = channel.unary_unary(
+                '/qwen2.serving.v1.Generation/ExtractiveQA',
+                request_serializer=qwen2_dot_serving_dot_v1_dot_serving__pb2.QARequest.SerializeToString,
+                response_deserializer=qwen2_dot_serving_dot_v1_dot_serving__pb2.QAResponse.FromString,
+                _registered_method=True)
 
 
 class GenerationServicer:
@@ -85,6 +105,37 @@ class GenerationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """Pooling: each input's prompt is computed whole (nothing generated) and the checkpoint's head, or its
+        hidden states, answer. ModelInfo.tasks says which of these the served checkpoint serves; the others are
+        FAILED_PRECONDITION (as Generate is on a checkpoint without an LM head).
+        Embeddings (every checkpoint): the final hidden state at the last token, or their mean.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Classify(self, request, context):
+        """Sequence classification (Qwen2ForSequenceClassification, reward models): a label per input.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClassifyTokens(self, request, context):
+        """Token classification (Qwen2ForTokenClassification): a label per token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExtractiveQA(self, request, context):
+        """Extractive question answering (Qwen2ForQuestionAnswering): start/end logits per token and the best span.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -107,6 +158,26 @@ def add_GenerationServicer_to_server(servicer, server):
                     servicer.ModelInfo,
                     request_deserializer=qwen2_dot_serving_dot_v1_dot_serving__pb2.ModelInfoRequest.FromString,
                     response_serializer=qwen2_dot_serving_dot_v1_dot_serving__pb2.ModelInfoResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=qwen2_dot_serving_dot_v1_dot_serving__pb2.EmbedRequest.FromString,
+                    response_serializer=qwen2_dot_serving_dot_v1_dot_serving__pb2.EmbedResponse.SerializeToString,
+            ),
+            'Classify': grpc.unary_unary_rpc_method_handler(
+                    servicer.Classify,
+                    request_deserializer=qwen2_dot_serving_dot_v1_dot_serving__pb2.PoolingRequest.FromString,
+                    response_serializer=qwen2_dot_serving_dot_v1_dot_serving__pb2.ClassifyResponse.SerializeToString,
+            ),
+            'ClassifyTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClassifyTokens,
+                    request_deserializer=qwen2_dot_serving_dot_v1_dot_serving__pb2.PoolingRequest.FromString,
+                    response_serializer=qwen2_dot_serving_dot_v1_dot_serving__pb2.ClassifyTokensResponse.SerializeToString,
+            ),
+            'ExtractiveQA': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExtractiveQA,
+                    request_deserializer=qwen2_dot_serving_dot_v1_dot_serving__pb2.QARequest.FromString,
+                    response_serializer=qwen2_dot_serving_dot_v1_dot_serving__pb2.QAResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -217,6 +288,114 @@ class Generation:
             '/qwen2.serving.v1.Generation/ModelInfo',
             qwen2_dot_serving_dot_v1_dot_serving__pb2.ModelInfoRequest.SerializeToString,
             qwen2_dot_serving_dot_v1_dot_serving__pb2.ModelInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qwen2.serving.v1.Generation/Embed',
+            qwen2_dot_serving_dot_v1_dot_serving__pb2.EmbedRequest.SerializeToString,
+            qwen2_dot_serving_dot_v1_dot_serving__pb2.EmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Classify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qwen2.serving.v1.Generation/Classify',
+            qwen2_dot_serving_dot_v1_dot_serving__pb2.PoolingRequest.SerializeToString,
+            qwen2_dot_serving_dot_v1_dot_serving__pb2.ClassifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClassifyTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qwen2.serving.v1.Generation/ClassifyTokens',
+            qwen2_dot_serving_dot_v1_dot_serving__pb2.PoolingRequest.SerializeToString,
+            qwen2_dot_serving_dot_v1_dot_serving__pb2.ClassifyTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExtractiveQA(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qwen2.serving.v1.Generation/ExtractiveQA',
+            qwen2_dot_serving_dot_v1_dot_serving__pb2.QARequest.SerializeToString,
+            qwen2_dot_serving_dot_v1_dot_serving__pb2.QAResponse.FromString,
             options,
             channel_credentials,
             insecure,
