@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eqwen2/serving/v1/serving.proto\x12\x10qwen2.serving.v1\"r\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12.\n\ntool_calls\x18\x03 \x03(\x0b\x32\x1a.qwen2.serving.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\"=\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"\xec\x01\n\tChatInput\x12/\n\x08messages\x18\x01 \x03(\x0b\x32\x1d.qwen2.serving.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08H\x01\x88\x01\x01\x12%\n\x05tools\x18\x03 \x03(\x0b\x32\x16.qwen2.serving.v1.Tool\x12\x1a\n\x10tool_choice_mode\x18\x04 \x01(\tH\x00\x12\x1e\n\x14tool_choice_function\x18\x05 \x01(\tH\x00\x42\r\n\x0btool_choiceB\x18\n\x16_add_generation_prompt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xd8\x01\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12+\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x1b.qwen2.serving.v1.ChatInputH\x00\x12/\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x1a.qwen2.serving.v1.TokenIdsH\x00\x12:\n\nparameters\x18\x04 \x01(\x0b\x32&.qwen2.serving.v1.GenerationParameters\x12\x12\n\nrequest_id\x18\x05 \x01(\tB\x07\n\x05input\"\x88\x08\n\x14GenerationParameters\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x03\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x04\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x02H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x02H\x08\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\t\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x17\n\nignore_eos\x18\x0c \x01(\x08H\n\x88\x01\x01\x12\x15\n\x08logprobs\x18\r \x01(\rH\x0b\x88\x01\x01\x12I\n\nlogit_bias\x18\x0e \x03(\x0b\x32\x35.qwen2.serving.v1.GenerationParameters.LogitBiasEntry\x12\x17\n\nmin_tokens\x18\x0f \x01(\rH\x0c\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x10 \x01(\rH\r\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x11 \x01(\x08H\x0e\x88\x01\x01\x12\'\n\x1ainclude_stop_str_in_output\x18\x12 \x01(\x08H\x0f\x88\x01\x01\x12\x17\n\ncache_salt\x18\x13 \x01(\tH\x10\x88\x01\x01\x12\x15\n\x0bjson_schema\x18\x14 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x15 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x16 \x01(\tH\x00\x12+\n\x06\x63hoice\x18\x17 \x01(\x0b\x32\x19.qwen2.serving.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x18 \x01(\tH\x00\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0c\n\nconstraintB\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\x0b\n\t_logprobsB\r\n\x0b_min_tokensB\x12\n\x10_prompt_logprobsB\x16\n\x14_skip_special_tokensB\x1d\n\x1b_include_stop_str_in_outputB\r\n\x0b_cache_salt\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\\\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12)\n\x03top\x18\x03 \x03(\x0b\x32\x1c.qwen2.serving.v1.TopLogprob\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x18\n\x10generated_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\\\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\"\xc2\x01\n\tFinalInfo\x12\x35\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1e.qwen2.serving.v1.FinishReason\x12&\n\x05usage\x18\x02 \x01(\x0b\x32\x17.qwen2.serving.v1.Usage\x12*\n\x07timings\x18\x03 \x01(\x0b\x32\x19.qwen2.serving.v1.Timings\x12\x14\n\x0cmatched_stop\x18\x04 \x01(\t\x12\x14\n\x0crope_variant\x18\x05 \x01(\t\"\x8e\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x30\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1e.qwen2.serving.v1.TokenLogprob\x12*\n\x05\x66inal\x18\x05 \x01(\x0b\x32\x1b.qwen2.serving.v1.FinalInfo\x12\x37\n\x0fprompt_logprobs\x18\x06 \x03(\x0b\x32\x1e.qwen2.serving.v1.TokenLogprob\x12.\n\ntool_calls\x18\x07 \x03(\x0b\x32\x1a.qwen2.serving.v1.ToolCall\"\x94\x02\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x30\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1e.qwen2.serving.v1.TokenLogprob\x12*\n\x05\x66inal\x18\x05 \x01(\x0b\x32\x1b.qwen2.serving.v1.FinalInfo\x12\x37\n\x0fprompt_logprobs\x18\x06 \x03(\x0b\x32\x1e.qwen2.serving.v1.TokenLogprob\x12.\n\ntool_calls\x18\x07 \x03(\x0b\x32\x1a.qwen2.serving.v1.ToolCall\"W\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12+\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x1b.qwen2.serving.v1.ChatInputH\x00\x42\x07\n\x05input\"G\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t\x12\x10\n\x08rendered\x18\x03 \x01(\t\"\x12\n\x10ModelInfoRequest\"\xb1\x02\n\x11ModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\reos_token_ids\x18\x04 \x03(\r\x12\x1c\n\x14tensor_parallel_size\x18\x05 \x01(\r\x12\x1e\n\x16pipeline_parallel_size\x18\x06 \x01(\r\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x1c\n\x14max_new_tokens_limit\x18\t \x01(\r\x12\x15\n\rnum_kv_blocks\x18\n \x01(\r\x12\x12\n\nblock_size\x18\x0b \x01(\r\x12\x0f\n\x07version\x18\x0c \x01(\t\x12\x14\n\x0cquantization\x18\r \x01(\t*\xb1\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x05\x32\xe9\x02\n\nGeneration\x12Q\n\x08Generate\x12!.qwen2.serving.v1.GenerateRequest\x1a\".qwen2.serving.v1.GenerateResponse\x12_\n\x0eGenerateStream\x12!.qwen2.serving.v1.GenerateRequest\x1a(.qwen2.serving.v1.GenerateStreamResponse0\x01\x12Q\n\x08Tokenize\x12!.qwen2.serving.v1.TokenizeRequest\x1a\".qwen2.serving.v1.TokenizeResponse\x12T\n\tModelInfo\x12\".qwen2.serving.v1.ModelInfoRequest\x1a#.qwen2.serving.v1.ModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eqwen2/serving/v1/serving.proto\x12\x10qwen2.serving.v1\"r\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12.\n\ntool_calls\x18\x03 \x03(\x0b\x32\x1a.qwen2.serving.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\"=\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"K\n\rToolCallDelta\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\"\xa6\x02\n\tChatInput\x12/\n\x08messages\x18\x01 \x03(\x0b\x32\x1d.qwen2.serving.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08H\x01\x88\x01\x01\x12%\n\x05tools\x18\x03 \x03(\x0b\x32\x16.qwen2.serving.v1.Tool\x12\x1a\n\x10tool_choice_mode\x18\x04 \x01(\tH\x00\x12\x1e\n\x14tool_choice_function\x18\x05 \x01(\tH\x00\x12 \n\x13parallel_tool_calls\x18\x06 \x01(\x08H\x02\x88\x01\x01\x42\r\n\x0btool_choiceB\x18\n\x16_add_generation_promptB\x16\n\x14_parallel_tool_calls\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xd8\x01\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12+\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x1b.qwen2.serving.v1.ChatInputH\x00\x12/\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x1a.qwen2.serving.v1.TokenIdsH\x00\x12:\n\nparameters\x18\x04 \x01(\x0b\x32&.qwen2.serving.v1.GenerationParameters\x12\x12\n\nrequest_id\x18\x05 \x01(\tB\x07\n\x05input\"\x88\x08\n\x14GenerationParameters\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x03\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x04\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x02H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x02H\x08\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\t\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x17\n\nignore_eos\x18\x0c \x01(\x08H\n\x88\x01\x01\x12\x15\n\x08logprobs\x18\r \x01(\rH\x0b\x88\x01\x01\x12I\n\nlogit_bias\x18\x0e \x03(\x0b\x32\x35.qwen2.serving.v1.GenerationParameters.LogitBiasEntry\x12\x17\n\nmin_tokens\x18\x0f \x01(\rH\x0c\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x10 \x01(\rH\r\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x11 \x01(\x08H\x0e\x88\x01\x01\x12\'\n\x1ainclude_stop_str_in_output\x18\x12 \x01(\x08H\x0f\x88\x01\x01\x12\x17\n\ncache_salt\x18\x13 \x01(\tH\x10\x88\x01\x01\x12\x15\n\x0bjson_schema\x18\x14 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x15 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x16 \x01(\tH\x00\x12+\n\x06\x63hoice\x18\x17 \x01(\x0b\x32\x19.qwen2.serving.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x18 \x01(\tH\x00\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0c\n\nconstraintB\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\x0b\n\t_logprobsB\r\n\x0b_min_tokensB\x12\n\x10_prompt_logprobsB\x16\n\x14_skip_special_tokensB\x1d\n\x1b_include_stop_str_in_outputB\r\n\x0b_cache_salt\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\\\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12)\n\x03top\x18\x03 \x03(\x0b\x32\x1c.qwen2.serving.v1.TopLogprob\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x18\n\x10generated_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\\\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\"\xc2\x01\n\tFinalInfo\x12\x35\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1e.qwen2.serving.v1.FinishReason\x12&\n\x05usage\x18\x02 \x01(\x0b\x32\x17.qwen2.serving.v1.Usage\x12*\n\x07timings\x18\x03 \x01(\x0b\x32\x19.qwen2.serving.v1.Timings\x12\x14\n\x0cmatched_stop\x18\x04 \x01(\t\x12\x14\n\x0crope_variant\x18\x05 \x01(\t\"\x8e\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x30\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1e.qwen2.serving.v1.TokenLogprob\x12*\n\x05\x66inal\x18\x05 \x01(\x0b\x32\x1b.qwen2.serving.v1.FinalInfo\x12\x37\n\x0fprompt_logprobs\x18\x06 \x03(\x0b\x32\x1e.qwen2.serving.v1.TokenLogprob\x12.\n\ntool_calls\x18\x07 \x03(\x0b\x32\x1a.qwen2.serving.v1.ToolCall\"\xcf\x02\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x30\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1e.qwen2.serving.v1.TokenLogprob\x12*\n\x05\x66inal\x18\x05 \x01(\x0b\x32\x1b.qwen2.serving.v1.FinalInfo\x12\x37\n\x0fprompt_logprobs\x18\x06 \x03(\x0b\x32\x1e.qwen2.serving.v1.TokenLogprob\x12.\n\ntool_calls\x18\x07 \x03(\x0b\x32\x1a.qwen2.serving.v1.ToolCall\x12\x39\n\x10tool_call_deltas\x18\x08 \x03(\x0b\x32\x1f.qwen2.serving.v1.ToolCallDelta\"W\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12+\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x1b.qwen2.serving.v1.ChatInputH\x00\x42\x07\n\x05input\"G\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t\x12\x10\n\x08rendered\x18\x03 \x01(\t\"\x12\n\x10ModelInfoRequest\"\xb1\x02\n\x11ModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\reos_token_ids\x18\x04 \x03(\r\x12\x1c\n\x14tensor_parallel_size\x18\x05 \x01(\r\x12\x1e\n\x16pipeline_parallel_size\x18\x06 \x01(\r\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x1c\n\x14max_new_tokens_limit\x18\t \x01(\r\x12\x15\n\rnum_kv_blocks\x18\n \x01(\r\x12\x12\n\nblock_size\x18\x0b \x01(\r\x12\x0f\n\x07version\x18\x0c \x01(\t\x12\x14\n\x0cquantization\x18\r \x01(\t*\xb1\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x05\x32\xe9\x02\n\nGeneration\x12Q\n\x08Generate\x12!.qwen2.serving.v1.GenerateRequest\x1a\".qwen2.serving.v1.GenerateResponse\x12_\n\x0eGenerateStream\x12!.qwen2.serving.v1.GenerateRequest\x1a(.qwen2.serving.v1.GenerateStreamResponse0\x01\x12Q\n\x08Tokenize\x12!.qwen2.serving.v1.TokenizeRequest\x1a\".qwen2.serving.v1.TokenizeResponse\x12T\n\tModelInfo\x12\".qwen2.serving.v1.ModelInfoRequest\x1a#.qwen2.serving.v1.ModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,48 +33,50 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATIONPARAMETERS_LOGITBIASENTRY']._loaded_options = None
   _globals['_GENERATIONPARAMETERS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=3392
-  _globals['_FINISHREASON']._serialized_end=3569
+  _globals['_FINISHREASON']._serialized_start=3586
+  _globals['_FINISHREASON']._serialized_end=3763
   _globals['_CHATMESSAGE']._serialized_start=52
   _globals['_CHATMESSAGE']._serialized_end=166
   _globals['_TOOL']._serialized_start=168
   _globals['_TOOL']._serialized_end=229
   _globals['_TOOLCALL']._serialized_start=231
   _globals['_TOOLCALL']._serialized_end=286
-  _globals['_CHATINPUT']._serialized_start=289
-  _globals['_CHATINPUT']._serialized_end=525
-  _globals['_TOKENIDS']._serialized_start=527
-  _globals['_TOKENIDS']._serialized_end=550
-  _globals['_GENERATEREQUEST']._serialized_start=553
-  _globals['_GENERATEREQUEST']._serialized_end=769
-  _globals['_GENERATIONPARAMETERS']._serialized_start=772
-  _globals['_GENERATIONPARAMETERS']._serialized_end=1804
-  _globals['_GENERATIONPARAMETERS_LOGITBIASENTRY']._serialized_start=1469
-  _globals['_GENERATIONPARAMETERS_LOGITBIASENTRY']._serialized_end=1517
-  _globals['_CHOICES']._serialized_start=1806
-  _globals['_CHOICES']._serialized_end=1832
-  _globals['_TOPLOGPROB']._serialized_start=1834
-  _globals['_TOPLOGPROB']._serialized_end=1881
-  _globals['_TOKENLOGPROB']._serialized_start=1883
-  _globals['_TOKENLOGPROB']._serialized_end=1975
-  _globals['_USAGE']._serialized_start=1977
-  _globals['_USAGE']._serialized_end=2056
-  _globals['_TIMINGS']._serialized_start=2058
-  _globals['_TIMINGS']._serialized_end=2150
-  _globals['_FINALINFO']._serialized_start=2153
-  _globals['_FINALINFO']._serialized_end=2347
-  _globals['_GENERATERESPONSE']._serialized_start=2350
-  _globals['_GENERATERESPONSE']._serialized_end=2620
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=2623
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=2899
-  _globals['_TOKENIZEREQUEST']._serialized_start=2901
-  _globals['_TOKENIZEREQUEST']._serialized_end=2988
-  _globals['_TOKENIZERESPONSE']._serialized_start=2990
-  _globals['_TOKENIZERESPONSE']._serialized_end=3061
-  _globals['_MODELINFOREQUEST']._serialized_start=3063
-  _globals['_MODELINFOREQUEST']._serialized_end=3081
-  _globals['_MODELINFORESPONSE']._serialized_start=3084
-  _globals['_MODELINFORESPONSE']._serialized_end=3389
-  _globals['_GENERATION']._serialized_start=3572
-  _globals['_GENERATION']._serialized_end=3933
+  _globals['_TOOLCALLDELTA']._serialized_start=288
+  _globals['_TOOLCALLDELTA']._serialized_end=363
+  _globals['_CHATINPUT']._serialized_start=366
+  _globals['_CHATINPUT']._serialized_end=660
+  _globals['_TOKENIDS']._serialized_start=662
+  _globals['_TOKENIDS']._serialized_end=685
+  _globals['_GENERATEREQUEST']._serialized_start=688
+  _globals['_GENERATEREQUEST']._serialized_end=904
+  _globals['_GENERATIONPARAMETERS']._serialized_start=907
+  _globals['_GENERATIONPARAMETERS']._serialized_end=1939
+  _globals['_GENERATIONPARAMETERS_LOGITBIASENTRY']._serialized_start=1604
+  _globals['_GENERATIONPARAMETERS_LOGITBIASENTRY']._serialized_end=1652
+  _globals['_CHOICES']._serialized_start=1941
+  _globals['_CHOICES']._serialized_end=1967
+  _globals['_TOPLOGPROB']._serialized_start=1969
+  _globals['_TOPLOGPROB']._serialized_end=2016
+  _globals['_TOKENLOGPROB']._serialized_start=2018
+  _globals['_TOKENLOGPROB']._serialized_end=2110
+  _globals['_USAGE']._serialized_start=2112
+  _globals['_USAGE']._serialized_end=2191
+  _globals['_TIMINGS']._serialized_start=2193
+  _globals['_TIMINGS']._serialized_end=2285
+  _globals['_FINALINFO']._serialized_start=2288
+  _globals['_FINALINFO']._serialized_end=2482
+  _globals['_GENERATERESPONSE']._serialized_start=2485
+  _globals['_GENERATERESPONSE']._serialized_end=2755
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=2758
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=3093
+  _globals['_TOKENIZEREQUEST']._serialized_start=3095
+  _globals['_TOKENIZEREQUEST']._serialized_end=3182
+  _globals['_TOKENIZERESPONSE']._serialized_start=3184
+  _globals['_TOKENIZERESPONSE']._serialized_end=3255
+  _globals['_MODELINFOREQUEST']._serialized_start=3257
+  _globals['_MODELINFOREQUEST']._serialized_end=3275
+  _globals['_MODELINFORESPONSE']._serialized_start=3278
+  _globals['_MODELINFORESPONSE']._serialized_end=3583
+  _globals['_GENERATION']._serialized_start=3766
+  _globals['_GENERATION']._serialized_end=4127
 # @@protoc_insertion_point(module_scope)
