@@ -384,3 +384,35 @@ def test_auto_parses_what_the_model_wrote_and_bad_tools_are_refused(client):
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model="test", messages=ASK, max_tokens=4, **bad)
         assert e.value.body["param"] == param, e.value.body
+
+
+# -- preemption, pipeline parallelism, n > 1 and recovery -------------------------------------------------------
+def test_constrained_outputs_under_preemption_pp2_n_and_a_rebuild(server):
+    """PP=2 and a KV cache far too small for the batch: n=6 constrained choices are preempted and recomputed, and
+    the engine is rebuilt once mid-generation (every sequence recomputed from its tokens). Each matcher follows
+    its tokens, so every output still validates."""
+    pp = InProcessServer(server.model_dir, tp=1, engine_options={"pp": 2, "max_num_blocks": 32}, http=True,
+                         max_num_seqs=8)
+    try:
+        runner = pp.runner
+        registry = runner.metrics.registry
+        complete, calls = runner.scheduler.complete, [0]
+
+        def faulty(plans, results):  # once, some steps in: as Scheduler.complete does on results it cannot apply
+            calls[0] += 1
+            if calls[0] == 25:
+                raise ValueError("injected fault in the result path")
+            return complete(plans, results)
+
+        runner.scheduler.complete = faulty
+        with openai.OpenAI(base_url=pp.http_url + "/v1", api_key="unused", max_retries=0, timeout=300) as c:
+            r = c.completions.create(model="test", prompt="JSON:", max_tokens=100, n=6, temperature=1.0, seed=21,
+                                     extra_body={"structured_outputs": {"json": SCHEMAS["nested"]}})
+        assert calls[0] > 25
+        assert registry.get_sample_value("qwen2_preemptions_total") > 0
+        assert registry.get_sample_value("qwen2_engine_failures_total", {"cause": "internal"}) == 1
+        for choice in r.choices:
+            assert choice.finish_reason == "stop"
+            jsonschema.validate(json.loads(choice.text), SCHEMAS["nested"])
+    finally:
+        pp.stop()
