@@ -416,3 +416,47 @@ def test_constrained_outputs_under_preemption_pp2_n_and_a_rebuild(server):
             jsonschema.validate(json.loads(choice.text), SCHEMAS["nested"])
     finally:
         pp.stop()
+
+
+# -- the SDK and its CLI --------------------------------------------------------------------------------------
+def test_sdk_tool_calls_history_and_cli(server, grpc_client, tmp_path, capsys):
+    from qwen2_client import cli
+
+    kw = dict(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_weather"}}, temperature=1.0,
+              seed=5, max_new_tokens=400)
+    whole = grpc_client.chat(ASK, **kw)
+    assert whole.finish_reason == "tool_calls" and whole.tool_calls and not whole.text.strip()
+    for call in whole.tool_calls:
+        assert call.name == "get_weather" and call.id
+        jsonschema.validate(json.loads(call.arguments), SCHEMA_OF["get_weather"])
+    streamed = grpc_client.generate_stream(messages=ASK, **kw).collect()  # from the argument deltas
+    assert [(c.name, c.arguments) for c in streamed.tool_calls] == [(c.name, c.arguments) for c in whole.tool_calls]
+    one = asyncio.run(_async_chat(server.target, ASK, parallel_tool_calls=False, tool_choice="required",
+                                  **{k: v for k, v in kw.items() if k != "tool_choice"}))
+    assert len(one.tool_calls) == 1
+    # The history (the SDK's calls, then the tool's answer) renders as transformers renders it.
+    from transformers import AutoTokenizer
+
+    history = ASK + [{"role": "assistant", "content": None, "tool_calls": whole.tool_calls[:1]},
+                     {"role": "tool", "tool_call_id": whole.tool_calls[0].id, "content": '{"forecast": "snow"}'}]
+    reference = ASK + [{"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+        "name": "get_weather", "arguments": json.loads(whole.tool_calls[0].arguments)}}]}, history[-1]]
+    expected = AutoTokenizer.from_pretrained(server.model_dir).apply_chat_template(
+        reference, tokenize=False, add_generation_prompt=True)
+    assert grpc_client.tokenize(messages=history).rendered == expected
+    # The CLI: a constraint flag, and tools from a file with the calls printed as JSON lines.
+    (tmp_path / "tools.json").write_text(json.dumps(TOOLS))
+    assert cli.main(["generate", "Code:", "--target", server.target, "--regex", REGEX, "--max-new-tokens", "20"]) == 0
+    assert re.fullmatch(REGEX, capsys.readouterr().out.strip())
+    assert cli.main(["chat", json.dumps(ASK), "--target", server.target, "--tools", f"@{tmp_path / 'tools.json'}",
+                     "--tool-choice", "search", "--no-parallel-tool-calls", "--temperature", "1", "--seed", "2",
+                     "--max-new-tokens", "200", "--stream"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    call = json.loads(lines[-1])
+    assert len(lines) == 1 and call["name"] == "search"
+    jsonschema.validate(json.loads(call["arguments"]), SCHEMA_OF["search"])
+
+
+async def _async_chat(target, messages, **kw):
+    async with AsyncClient(target) as c:
+        return await c.chat(messages, **kw)

@@ -11,15 +11,16 @@ from .client import Client, DeltaStream
 from .errors import (AuthenticationError, CancelledError, DeadlineError, OverloadedError, Qwen2Error,
                      ServerError, UnavailableError, ValidationError, error_from_rpc, error_from_status)
 from .retry import RetryPolicy
-from .types import (Delta, FinalInfo, ModelInfo, Result, Timings, TokenizeResult, TokenLogprob, TopLogprob,
-                    Usage)
+from .types import (Delta, FinalInfo, ModelInfo, Result, Timings, TokenizeResult, TokenLogprob, ToolCall,
+                    ToolCallDelta, TopLogprob, Usage)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AsyncClient", "AsyncDeltaStream", "AuthenticationError", "CancelledError", "Client", "DeadlineError",
     "Delta", "DeltaStream", "FinalInfo", "GenerationParams", "ModelInfo", "OverloadedError", "Qwen2Error",
-    "Result", "RetryPolicy", "ServerError", "Timings", "TokenLogprob", "TokenizeResult", "TopLogprob",
+    "Result", "RetryPolicy", "ServerError", "Timings", "TokenLogprob", "TokenizeResult", "ToolCall", "ToolCallDelta",
+    "TopLogprob",
     "UnavailableError", "Usage", "ValidationError", "build_generate_request", "build_parameters",
     "build_tokenize_request", "error_from_rpc", "error_from_status", "__version__",
 ]
