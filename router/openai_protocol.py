@@ -193,8 +193,13 @@ class ChatLogprobs(BaseModel):
     content: list[TokenLogprob]
 
 
+def _absent_if_none(default=None):
+    """A field left out of the JSON when None (OpenAI's argument deltas carry only index and arguments)."""
+    return Field(default, exclude_if=lambda value: value is None)
+
+
 class FunctionCall(BaseModel):
-    name: str | None = None
+    name: str | None = _absent_if_none()
     arguments: str  # a JSON object as text (in a stream: a fragment of it)
 
 
@@ -206,8 +211,8 @@ class ToolCallOut(BaseModel):
 
 class ToolCallDelta(BaseModel):
     index: int
-    id: str | None = None
-    type: Literal["function"] | None = None
+    id: str | None = _absent_if_none()
+    type: Literal["function"] | None = _absent_if_none()
     function: FunctionCall
 
 

@@ -27,7 +27,6 @@ from fastapi import FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
 from router.openai_protocol import (
@@ -448,7 +447,8 @@ class OpenAIApi:
             self._refuse_functions(body)
             if body.top_logprobs is not None and not body.logprobs:
                 raise _invalid("top_logprobs", "`top_logprobs` needs `logprobs`: true")
-            tools = validate_tools(body.tools, body.tool_choice, self.core.limits)
+            tools = validate_tools(body.tools, body.tool_choice, self.core.limits,
+                                   parallel=body.parallel_tool_calls is not False)
             rendered = self._render(body.messages, body.add_generation_prompt, body.continue_final_message,
                                     body.chat_template_kwargs, body.model_fields_set, tools.template_tools)
             prompts = [await self.core.encode(rendered)]
@@ -465,7 +465,8 @@ class OpenAIApi:
                 return Response(status_code=CLIENT_GONE)
             out = []
             for c in choices:
-                content, calls = tool_calls.parse("".join(c.text)) if tools.parse else ("".join(c.text), [])
+                content, calls = (tool_calls.parse("".join(c.text), tools.names, tools.max_calls) if tools.parse
+                                  else ("".join(c.text), []))
                 out.append(ChatChoice(
                     index=c.index, logprobs=self._chat_logprobs(c.logprobs) if body.logprobs else None,
                     message=AssistantMessage(content=content or (None if calls else ""),
@@ -480,24 +481,24 @@ class OpenAIApi:
                                        choices=choices_, usage=usage).model_dump_json()
 
         async def stream():
-            parsers = {c.index: tool_calls.ToolCallStream() for c in choices} if tools.parse else {}
+            parsers = ({c.index: tool_calls.ToolCallStream(tools.names, tools.max_calls) for c in choices}
+                       if tools.parse else {})
             for c in choices:  # the first chunk of each choice carries the role
                 yield chunk([ChatChunkChoice(index=c.index, delta=Delta(role="assistant", content=""))])
             async for c, event in self._events(choices):
                 lp = self._chat_logprobs(event.logprobs) if body.logprobs else None
                 finish = c.finish_reason if event.finish_reason is not None else None
-                text, calls, parser = event.text, [], parsers.get(c.index)
-                if parser is not None:  # tool-call tags never reach the content; each call: name, then arguments
-                    text, calls = parser.feed(text)
+                text, parser = event.text, parsers.get(c.index)
+                if parser is not None:  # tags never reach the content; a call: its name, then argument fragments
+                    text, deltas = parser.feed(text)
                     text += parser.finish() if finish else ""
                     if finish == "stop" and parser.calls:
                         finish = "tool_calls"
-                    first = len(parser.calls) - len(calls)
-                    for k, call in enumerate(calls, first):
-                        yield chunk([ChatChunkChoice(index=c.index, delta=Delta(tool_calls=[ToolCallDelta(
-                            index=k, id=call.id, type="function", function=FunctionCall(name=call.name, arguments=""))]))])
-                        yield chunk([ChatChunkChoice(index=c.index, delta=Delta(tool_calls=[ToolCallDelta(
-                            index=k, function=FunctionCall(arguments=call.arguments))]))])
+                    if deltas:
+                        yield chunk([ChatChunkChoice(index=c.index, delta=Delta(tool_calls=[
+                            ToolCallDelta(index=d.index, id=d.id, type="function" if d.id else None,
+                                          function=FunctionCall(name=d.name, arguments=d.arguments))
+                            for d in deltas]))])
                 if text or finish or lp is not None and lp.content:
                     yield chunk([ChatChunkChoice(index=c.index, delta=Delta(content=text or None), logprobs=lp,
                                                  finish_reason=finish)])

@@ -177,7 +177,11 @@ class Runner:
         sampling = valid.sampling
         if sampling.min_tokens:  # what would end it is masked until min_tokens were generated
             eos = () if valid.ignore_eos else self.engine.eos_token_ids
-            sampling = dataclasses.replace(sampling, stop_token_ids=tuple(dict.fromkeys((*valid.stop_token_ids, *eos))))
+            ends = tuple(dict.fromkeys((*valid.stop_token_ids, *eos)))
+            if matcher is None:
+                sampling = dataclasses.replace(sampling, stop_token_ids=ends)
+            else:  # in its mask, where the grammar's end can win (router/structured.py)
+                matcher.min_tokens, matcher.stop_token_ids = sampling.min_tokens, ends
         seq = Sequence(next(self.ids), list(prompt_ids), sampling, rope_variant, samples=valid.max_new_tokens > 0,
                        cache_salt=valid.cache_salt)
         if valid.pooling is not None:

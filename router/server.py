@@ -213,7 +213,8 @@ class GenerationService(pb_grpc.GenerationServicer):
         which = chat.WhichOneof("tool_choice")
         choice = (None if which is None else chat.tool_choice_mode if which == "tool_choice_mode"
                   else {"type": "function", "function": {"name": chat.tool_choice_function}})
-        return validate_tools(tools, choice, self.core.limits, {"tools": "chat.tools", "tool_choice": f"chat.{which}"})
+        return validate_tools(tools, choice, self.core.limits, {"tools": "chat.tools", "tool_choice": f"chat.{which}"},
+                              parallel=not chat.HasField("parallel_tool_calls") or chat.parallel_tool_calls)
 
     def _render_chat(self, chat, tools: ValidTools | None = None) -> str:
         add = chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
@@ -288,16 +289,21 @@ class GenerationService(pb_grpc.GenerationServicer):
         began = time.monotonic()
         admitted, tools = await self._admit(request, context)
         request_id = request.request_id or uuid.uuid4().hex
-        parser = tool_calls.ToolCallStream() if tools.parse else None
+        parser = tool_calls.ToolCallStream(tools.names, tools.max_calls) if tools.parse else None
         async for event in self._events(admitted, context):
-            text, calls = event.text, []
-            if parser is not None:  # tool-call tags never reach the text; a call comes once it is complete
-                text, calls = parser.feed(text)
+            text, calls, deltas = event.text, [], []
+            if parser is not None:  # tags never reach the text; a call as it is written, and once it is whole
+                complete = parser.complete
+                text, deltas = parser.feed(text)
                 text += parser.finish() if event.finish_reason is not None else ""
+                calls = parser.calls[complete:parser.complete]
             out = pb.GenerateStreamResponse(request_id=request_id, text=text, token_ids=event.token_ids,
                                             logprobs=self._logprobs(event.logprobs),
                                             prompt_logprobs=self._logprobs(event.prompt_logprobs or []),
-                                            tool_calls=[_call(c) for c in calls])
+                                            tool_calls=[_call(c) for c in calls],
+                                            tool_call_deltas=[pb.ToolCallDelta(index=d.index, id=d.id, name=d.name,
+                                                                               arguments=d.arguments)
+                                                              for d in deltas])
             if event.finish_reason is not None:
                 out.final.CopyFrom(self._final(admitted, event, began, bool(parser and parser.calls)))
             yield out
@@ -313,7 +319,8 @@ class GenerationService(pb_grpc.GenerationServicer):
             out.token_ids.extend(last.token_ids)
             out.logprobs.extend(self._logprobs(last.logprobs))
             out.prompt_logprobs.extend(self._logprobs(last.prompt_logprobs or []))
-        out.text, calls = tool_calls.parse("".join(text)) if tools.parse else ("".join(text), [])
+        out.text, calls = (tool_calls.parse("".join(text), tools.names, tools.max_calls) if tools.parse
+                           else ("".join(text), []))
         out.tool_calls.extend(_call(c) for c in calls)
         out.final.CopyFrom(self._final(admitted, last, began, bool(calls)))
         return out

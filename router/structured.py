@@ -17,8 +17,9 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
-
+import numpy as np
 import xgrammar as xgr
+from xgrammar.structural_tag import GrammarFormat, StructuralTag, TagFormat, TagsWithSeparatorFormat
 
 from router.tokenizer import Tokenizer
 from router.validation import Constraint, RequestError
@@ -28,15 +29,17 @@ MESSAGE_CHARS = 300  # of an engine's error message, in ours
 _ENGINE_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")  # xgrammar's "[22:12:36] /project/cpp/x.cc:94: "
 
 
-def _tool_call_grammar(tools: list[dict]) -> xgr.Grammar:
-    """Qwen's tool-call format, `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`, one call of
-    one of `tools`, its arguments matching that tool's parameter schema."""
+def _tool_call_grammar(tools: list[dict], parallel: bool) -> xgr.Grammar:
+    """Qwen's tool-call format, `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`: calls of
+    `tools`, each one's arguments matching its parameter schema; one or more separated by a newline, exactly
+    one unless `parallel`. Nothing but calls (xgrammar's structural tag, as vLLM builds for `required`)."""
     calls = {"anyOf": [{"type": "object", "properties": {"name": {"const": t["name"]},
                                                          "arguments": t.get("parameters") or {"type": "object"}},
                         "required": ["name", "arguments"], "additionalProperties": False} for t in tools]}
-    return xgr.Grammar.concat(xgr.Grammar.from_ebnf('root ::= "<tool_call>\\n"'),
-                              xgr.Grammar.from_json_schema(calls, any_whitespace=False, separators=(", ", ": ")),
-                              xgr.Grammar.from_ebnf('root ::= "\\n</tool_call>"'))
+    call = str(xgr.Grammar.from_json_schema(calls, any_whitespace=False, separators=(", ", ": ")))
+    tag = TagFormat(begin="<tool_call>\n", content=GrammarFormat(grammar=call), end="\n</tool_call>")
+    return xgr.Grammar.from_structural_tag(StructuralTag(format=TagsWithSeparatorFormat(
+        tags=[tag], separator="\n", at_least_one=True, stop_after_first=not parallel)))
 
 
 def _grammar(kind: str, source: str) -> xgr.Grammar:
@@ -51,7 +54,8 @@ def _grammar(kind: str, source: str) -> xgr.Grammar:
         return xgr.Grammar.from_ebnf("root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in json.loads(source)))
     if kind == "grammar":
         return xgr.Grammar.from_ebnf(source)
-    return _tool_call_grammar(json.loads(source))
+    spec = json.loads(source)  # tool_call: {"tools": [{"name", "parameters"}], "parallel": bool}
+    return _tool_call_grammar(spec["tools"], spec["parallel"])
 
 
 class Grammars:
@@ -120,6 +124,11 @@ class Matcher:
     def __init__(self, compiled: xgr.CompiledGrammar, vocab_size: int):
         self._m = xgr.GrammarMatcher(compiled)
         self.vocab_size = vocab_size
+        # min_tokens of a constrained request is kept here, in its mask (not by the sampler's ban, which would
+        # leave no token at all where the grammar allows only its end): while fewer than min_tokens tokens were
+        # generated, the ids that end a sequence are taken out of the mask, unless the grammar allows nothing
+        # else. The grammar's end wins, as in vLLM (PR 54218). Set by the runner, which knows the ids.
+        self.min_tokens, self.stop_token_ids = 0, ()
         self.accepted = 0  # output tokens fed so far
         self.rejected = False
 
@@ -143,7 +152,15 @@ def fill_masks(matchers: list[Matcher]) -> list[bytes]:
         matchers[0]._m.fill_next_token_bitmask(bitmask, 0)
     else:
         _batch().batch_fill_next_token_bitmask([m._m for m in matchers], bitmask)
-    return [row.tobytes() for row in bitmask.numpy()]
+    words = bitmask.numpy().view(np.uint32)
+    for row, m in zip(words, matchers):
+        if m.accepted < m.min_tokens and m.stop_token_ids:
+            kept = row.copy()
+            ids = np.array(m.stop_token_ids)
+            np.bitwise_and.at(row, ids >> 5, ~(np.uint32(1) << (ids & 31).astype(np.uint32)))
+            if not row.any():  # only an end is allowed: the grammar wins over min_tokens
+                row[:] = kept
+    return [row.tobytes() for row in words]
 
 
 @functools.cache

@@ -81,8 +81,8 @@ MAX_TOOLS = 128
 @dataclass(frozen=True)
 class Constraint:
     """What a request's output must match (router/structured.py compiles it). `source`: the schema's JSON, the
-    regex, the EBNF, the choices as a JSON list, or (tool_call) the allowed tools as a JSON list of
-    {"name", "parameters"}; `field` is where it sits in the request, which its errors name."""
+    regex, the EBNF, the choices as a JSON list, or (tool_call) {"tools": the allowed tools as a list of
+    {"name", "parameters"}, "parallel": more than one call allowed}; `field` is where it sits in the request, which its errors name."""
 
     kind: str  # one of CONSTRAINTS, or tool_call
     source: str
@@ -297,12 +297,16 @@ class ValidTools:
     template_tools: list[dict] | None = None
     parse: bool = False
     constraint: str | None = None
+    names: tuple[str, ...] = ()  # the tools a parsed call may name
+    max_calls: int | None = None  # parallel_tool_calls false: 1 (calls past it are dropped)
 
 
-def validate_tools(tools: list | None, tool_choice, limits: Limits, names: Mapping[str, str] = {}) -> ValidTools:
+def validate_tools(tools: list | None, tool_choice, limits: Limits, names: Mapping[str, str] = {},
+                   parallel: bool = True) -> ValidTools:
     """OpenAI's `tools` ({"type": "function", "function": {"name", "description", "parameters"}}) and
     `tool_choice` ("none", "auto", "required", or {"type": "function", "function": {"name"}}); `names` maps
-    "tools" and "tool_choice" to the API's field names."""
+    "tools" and "tool_choice" to the API's field names. Not `parallel` (parallel_tool_calls false): at most one
+    call, by the grammar with required or named, by parsing only the first with auto."""
     tools_field, choice_field = names.get("tools", "tools"), names.get("tool_choice", "tool_choice")
     tools = tools or []
     bad: list[tuple[str, str]] = []
@@ -331,8 +335,9 @@ def validate_tools(tools: list | None, tool_choice, limits: Limits, names: Mappi
         functions[name] = parameters
     if bad:
         raise RequestError(bad)
+    max_calls = None if parallel else 1
     if tool_choice is None or tool_choice == "auto":
-        return ValidTools(tools or None, bool(tools))
+        return ValidTools(tools or None, bool(tools), names=tuple(functions), max_calls=max_calls)
     if tool_choice == "none":
         return ValidTools()
     if tool_choice == "required":
@@ -348,11 +353,11 @@ def validate_tools(tools: list | None, tool_choice, limits: Limits, names: Mappi
         raise RequestError([(choice_field, f"`{choice_field}` needs `{tools_field}` to hold "
                                            f"{missing[0] if missing else 'a function'!r}; tools given: "
                                            f"{sorted(functions)}")])
-    source = json.dumps([{"name": n, "parameters": functions[n]} for n in chosen])
+    source = json.dumps({"tools": [{"name": n, "parameters": functions[n]} for n in chosen], "parallel": parallel})
     if len(source) > limits.max_constraint_chars:
         raise RequestError([(tools_field, f"the chosen tools' schemas must be at most {limits.max_constraint_chars} "
                                           f"characters of JSON, got {len(source)}")])
-    return ValidTools(tools, True, source)
+    return ValidTools(tools, True, source, tuple(chosen), max_calls)
 
 
 def schema_problem(source: str) -> str | None:

@@ -19,7 +19,6 @@ from router.runner import Runner
 from router.service import ServingCore
 from shards.checkpoint import preset_config, write_random_checkpoint
 from tests.certs import make_certificates
-from tests.multiproc import free_port
 from tests.server_process import InProcessServer, ServerProcess
 
 MAX_BODY = 256 * 1024

@@ -67,7 +67,7 @@ def requests_post(server, path: str, body: dict) -> dict:
 
 
 def completions(client, prompt="Answer:", **extra):
-    return client.completions.create(model="test", prompt=prompt, max_tokens=MAX_TOKENS, **extra)
+    return client.completions.create(model="test", prompt=prompt, **{"max_tokens": MAX_TOKENS} | extra)
 
 
 @pytest.mark.parametrize("name", SCHEMAS)
@@ -189,22 +189,33 @@ ASK = [{"role": "user", "content": "What is the weather in Oslo?"}]
 
 def test_parse_hand_written_assistant_message():
     text = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "days": 2}}\n'
-            '</tool_call>\n<tool_call>\n{"name": "search", "arguments": {"query": "snow"}}\n</tool_call>')
+            '</tool_call>\n<tool_call>\n{"name": "search", "arguments": {"query": "a \\"}</tool_call>\\" b"}}\n</tool_call>')
     content, calls = tool_calls.parse(text)
     assert content == "Let me check."
     assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Oslo", "days": 2}),
-                                                                   ("search", {"query": "snow"})]
+                                                                   ("search", {"query": 'a "}</tool_call>" b'})]
+    assert calls[0].arguments == '{"city": "Oslo", "days": 2}'  # as the model wrote it
+    assert [c.name for c in tool_calls.parse(text, max_calls=1)[1]] == ["get_weather"]
+    assert tool_calls.parse(text, max_calls=1)[0] == "Let me check."  # the dropped call is no content either
+    unknown = tool_calls.parse(text, names={"search"})  # a block naming no tool of the request is content
+    assert [c.name for c in unknown[1]] == ["search"] and unknown[0].startswith("Let me check.\n<tool_call>\n")
     malformed = 'Hi <tool_call>\n{"name": get_weather}\n</tool_call> there'
     assert tool_calls.parse(malformed) == (malformed, [])
-    for text in (text, malformed, "plain <tool", "x <tool_call>{\"name\": \"a\", \"arguments\": {}}"):
+    for text in (text, malformed, "plain <tool", 'x <tool_call>{"name": "a", "arguments": {"b": [1, '):
         for step in (1, 3, 7):  # any split of the stream gives the same content and calls, and no tags
-            stream, content, calls = tool_calls.ToolCallStream(), "", []
+            stream, content, calls = tool_calls.ToolCallStream(), "", {}
             for i in range(0, len(text), step):
-                delta, new = stream.feed(text[i:i + step])
-                content, calls = content + delta, calls + new
+                delta, deltas = stream.feed(text[i:i + step])
+                content += delta
+                for d in deltas:
+                    if d.index not in calls:
+                        assert d.id and d.name and d.arguments == ""
+                        calls[d.index] = [d.name, ""]
+                    else:
+                        calls[d.index][1] += d.arguments
             content += stream.finish()
             whole_content, whole_calls = tool_calls.parse(text)
-            assert [(c.name, c.arguments) for c in calls] == [(c.name, c.arguments) for c in whole_calls]
+            assert list(calls.values()) == [[c.name, c.arguments] for c in whole_calls]
             assert content.strip() == whole_content.strip()
             if calls:
                 assert "<tool_call>" not in content
@@ -221,46 +232,122 @@ def check_calls(calls, allowed):
     ("required", {"get_weather", "search"}),
     ({"type": "function", "function": {"name": "search"}}, {"search"}),
 ])
-def test_required_and_named_tool_choice(client, tool_choice, allowed):
-    r = client.chat.completions.create(model="test", messages=ASK, tools=TOOLS, tool_choice=tool_choice, n=3,
-                                       temperature=1.0, seed=9, max_tokens=MAX_TOKENS)
+def test_required_and_named_tool_choice_with_parallel_tool_calls_false(client, tool_choice, allowed):
+    """The grammar allows one call, then only the end."""
+    r = client.chat.completions.create(model="test", messages=ASK, tools=TOOLS, tool_choice=tool_choice, n=4,
+                                       temperature=1.0, seed=9, max_tokens=MAX_TOKENS, parallel_tool_calls=False)
     for c in r.choices:
-        assert c.finish_reason == "tool_calls" and not c.message.content
+        assert c.finish_reason == "tool_calls" and not c.message.content and len(c.message.tool_calls) == 1
         check_calls(c.message.tool_calls, allowed)
-    stream = client.chat.completions.create(model="test", messages=ASK, tools=TOOLS, tool_choice=tool_choice,
-                                            temperature=1.0, seed=10, max_tokens=MAX_TOKENS, stream=True)
-    content, calls, finish = "", {}, None
-    for chunk in stream:
+
+
+def streamed_chat(client, **kw):
+    """(content, calls, finish, fragments per call) of a streamed chat completion, its deltas accumulated as an
+    OpenAI client does; each call's first delta must carry its id, type and name, and no arguments."""
+    content, calls, fragments, finish = "", {}, {}, None
+    for chunk in client.chat.completions.create(model="test", stream=True, **kw):
         delta = chunk.choices[0].delta
         content += delta.content or ""
         for d in delta.tool_calls or ():
-            if d.id is not None:  # the first delta of a call: id and name
-                assert d.function.name and not d.function.arguments
-                calls[d.index] = {"id": d.id, "name": d.function.name, "arguments": ""}
+            if d.index not in calls:
+                assert d.id and d.type == "function" and d.function.name and d.function.arguments == ""
+                calls[d.index], fragments[d.index] = {"id": d.id, "name": d.function.name, "arguments": ""}, 0
             else:
+                assert d.id is None and d.function.name is None and d.function.arguments
                 calls[d.index]["arguments"] += d.function.arguments
+                fragments[d.index] += 1
         finish = chunk.choices[0].finish_reason or finish
-    assert finish == "tool_calls" and "<tool_call>" not in content and not content.strip()
-    check_calls([openai.types.chat.ChatCompletionMessageToolCall(
-        id=c["id"], type="function", function={"name": c["name"], "arguments": c["arguments"]})
-        for c in calls.values()], allowed)
+    assert sorted(calls) == list(range(len(calls)))
+    return content, [calls[i] for i in sorted(calls)], finish, [fragments[i] for i in sorted(fragments)]
+
+
+def assert_stream_adds_up(client, **kw):
+    """The streamed calls are exactly the non-streamed ones (seeded: the same tokens), in several fragments."""
+    whole = client.chat.completions.create(model="test", **kw).choices[0]
+    content, calls, finish, fragments = streamed_chat(client, **kw)
+    assert finish == whole.finish_reason == "tool_calls"
+    assert "<tool_call>" not in content and content.strip() == (whole.message.content or "")
+    assert [(c["name"], c["arguments"]) for c in calls] == [(c.function.name, c.function.arguments)
+                                                            for c in whole.message.tool_calls]
+    assert all(n > 1 for n in fragments), fragments  # arguments stream as the model writes them
+    return whole.message.tool_calls
+
+
+def test_streamed_tool_calls_add_up_to_the_non_streamed(client):
+    for tool_choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        calls = assert_stream_adds_up(client, messages=ASK, tools=TOOLS, tool_choice=tool_choice, temperature=1.0,
+                                      seed=10, max_tokens=400)
+        check_calls(calls, {"get_weather", "search"})
+    # Several calls in one answer, with `auto`: a grammar makes the random model write two Qwen blocks.
+    calls = assert_stream_adds_up(client, messages=ASK, tools=TOOLS, temperature=1.0, seed=3, max_tokens=MAX_TOKENS,
+                                  extra_body={"structured_outputs": {"grammar": TWO_CALLS}})
+    assert [c.function.name for c in calls] == ["search", "get_weather"]
+    check_calls(calls, {"get_weather", "search"})
+
+
+# Qwen's format, twice: what a model calling two tools at once writes.
+TWO_CALLS = r"""root ::= "Checking.\n" search "\n" weather
+search ::= "<tool_call>\n{\"name\": \"search\", \"arguments\": {\"query\": \"" [a-z]{3,9} "\"}}\n</tool_call>"
+weather ::= "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"" ("Oslo" | "Lima") "\", \"days\": " [1-7] "}}\n</tool_call>"
+"""
+
+
+def test_parallel_tool_calls_false_with_auto_parses_the_first_call_only(client):
+    kw = dict(messages=ASK, tools=TOOLS, temperature=1.0, seed=3, max_tokens=MAX_TOKENS, parallel_tool_calls=False,
+              extra_body={"structured_outputs": {"grammar": TWO_CALLS}})
+    calls = assert_stream_adds_up(client, **kw)  # auto: only the first block is parsed; the second is dropped
+    assert [c.function.name for c in calls] == ["search"]
+    assert client.chat.completions.create(model="test", **kw).choices[0].message.content == "Checking."
+
+
+def test_min_tokens_with_a_grammar_the_grammar_end_wins(client, grpc_client):
+    """While min_tokens bans the ends, a grammar that allows only its end still ends (not a row of -inf logits:
+    NaN, a token outside the grammar); where the grammar may go on, min_tokens holds. EOS is pushed up by
+    logit_bias, so without min_tokens every output would end as soon as the grammar allows."""
+    eos = {str(t): 100 for t in grpc_client.model_info().eos_token_ids}
+    r = completions(client, max_tokens=30, logit_bias=eos, n=3, temperature=1.0, seed=1,
+                    extra_body={"min_tokens": 12, "structured_outputs": {"choice": ["yes", "no"]}})
+    for c in r.choices:
+        assert c.text in ("yes", "no") and c.finish_reason == "stop"
+    assert r.usage.completion_tokens < 3 * 12
+    for min_tokens in (0, 7):
+        r = completions(client, max_tokens=30, logit_bias=eos, temperature=1.0, seed=2,
+                        extra_body={"min_tokens": min_tokens, "structured_outputs": {"regex": "[a-z]{1,60}"}})
+        assert re.fullmatch("[a-z]{1,60}", r.choices[0].text) and r.choices[0].finish_reason == "stop"
+        assert r.usage.completion_tokens == (2 if min_tokens == 0 else min_tokens + 1)  # the text, then EOS
 
 
 def test_tool_calling_over_grpc(server):
+    """Generate's calls; GenerateStream's deltas (name first, then argument fragments) add up to exactly them, and
+    its tool_calls field still brings each call once it is whole."""
     chat = pb.ChatInput(messages=[pb.ChatMessage(role="user", content="Weather?")], tool_choice_mode="required",
                         tools=[pb.Tool(name=t["function"]["name"], parameters=json.dumps(t["function"]["parameters"]))
                                for t in TOOLS])
-    request = pb.GenerateRequest(chat=chat, parameters=pb.GenerationParameters(max_new_tokens=MAX_TOKENS,
+    request = pb.GenerateRequest(chat=chat, parameters=pb.GenerationParameters(max_new_tokens=400,
                                                                                temperature=1.0, seed=3))
     with grpc.insecure_channel(server.target) as channel:
         stub = pb_grpc.GenerationStub(channel)
         r = stub.Generate(request, timeout=120)
-        assert r.final.finish_reason == pb.FINISH_REASON_TOOL_CALLS and not r.text.strip()
-        assert len(r.tool_calls) == 1
-        jsonschema.validate(json.loads(r.tool_calls[0].arguments), SCHEMA_OF[r.tool_calls[0].name])
-        parts = list(stub.GenerateStream(request, timeout=120))
-        assert [c.name for p in parts for c in p.tool_calls] == [r.tool_calls[0].name]  # seeded: the same call
+        assert r.final.finish_reason == pb.FINISH_REASON_TOOL_CALLS and not r.text.strip() and r.tool_calls
+        for call in r.tool_calls:
+            jsonschema.validate(json.loads(call.arguments), SCHEMA_OF[call.name])
+        parts = list(stub.GenerateStream(request, timeout=120))  # seeded: the same tokens
+        calls, fragments = {}, {}
+        for d in (d for p in parts for d in p.tool_call_deltas):
+            if d.index not in calls:
+                assert d.id and d.name and not d.arguments
+                calls[d.index], fragments[d.index] = [d.name, ""], 0
+            else:
+                assert not d.id and not d.name
+                calls[d.index][1] += d.arguments
+                fragments[d.index] += 1
+        assert list(calls.values()) == [[c.name, c.arguments] for c in r.tool_calls]
+        assert all(n > 1 for n in fragments.values())
+        assert [(c.name, c.arguments) for p in parts for c in p.tool_calls] == [(c.name, c.arguments)
+                                                                                for c in r.tool_calls]
         assert "<tool_call>" not in "".join(p.text for p in parts)
+        request.chat.parallel_tool_calls = False
+        assert len(stub.Generate(request, timeout=120).tool_calls) == 1
         request.chat.tool_choice_function = "nope"  # the oneof: replaces tool_choice_mode
         with pytest.raises(grpc.RpcError) as e:
             stub.Generate(request, timeout=60)
@@ -297,3 +384,79 @@ def test_auto_parses_what_the_model_wrote_and_bad_tools_are_refused(client):
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model="test", messages=ASK, max_tokens=4, **bad)
         assert e.value.body["param"] == param, e.value.body
+
+
+# -- preemption, pipeline parallelism, n > 1 and recovery -------------------------------------------------------
+def test_constrained_outputs_under_preemption_pp2_n_and_a_rebuild(server):
+    """PP=2 and a KV cache far too small for the batch: n=6 constrained choices are preempted and recomputed, and
+    the engine is rebuilt once mid-generation (every sequence recomputed from its tokens). Each matcher follows
+    its tokens, so every output still validates."""
+    pp = InProcessServer(server.model_dir, tp=1, engine_options={"pp": 2, "max_num_blocks": 32}, http=True,
+                         max_num_seqs=8)
+    try:
+        runner = pp.runner
+        registry = runner.metrics.registry
+        complete, calls = runner.scheduler.complete, [0]
+
+        def faulty(plans, results):  # once, some steps in: as Scheduler.complete does on results it cannot apply
+            calls[0] += 1
+            if calls[0] == 25:
+                raise ValueError("injected fault in the result path")
+            return complete(plans, results)
+
+        runner.scheduler.complete = faulty
+        with openai.OpenAI(base_url=pp.http_url + "/v1", api_key="unused", max_retries=0, timeout=300) as c:
+            r = c.completions.create(model="test", prompt="JSON:", max_tokens=100, n=6, temperature=1.0, seed=21,
+                                     extra_body={"structured_outputs": {"json": SCHEMAS["nested"]}})
+        assert calls[0] > 25
+        assert registry.get_sample_value("qwen2_preemptions_total") > 0
+        assert registry.get_sample_value("qwen2_engine_failures_total", {"cause": "internal"}) == 1
+        for choice in r.choices:
+            assert choice.finish_reason == "stop"
+            jsonschema.validate(json.loads(choice.text), SCHEMAS["nested"])
+    finally:
+        pp.stop()
+
+
+# -- the SDK and its CLI --------------------------------------------------------------------------------------
+def test_sdk_tool_calls_history_and_cli(server, grpc_client, tmp_path, capsys):
+    from qwen2_client import cli
+
+    kw = dict(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_weather"}}, temperature=1.0,
+              seed=5, max_new_tokens=400)
+    whole = grpc_client.chat(ASK, **kw)
+    assert whole.finish_reason == "tool_calls" and whole.tool_calls and not whole.text.strip()
+    for call in whole.tool_calls:
+        assert call.name == "get_weather" and call.id
+        jsonschema.validate(json.loads(call.arguments), SCHEMA_OF["get_weather"])
+    streamed = grpc_client.generate_stream(messages=ASK, **kw).collect()  # from the argument deltas
+    assert [(c.name, c.arguments) for c in streamed.tool_calls] == [(c.name, c.arguments) for c in whole.tool_calls]
+    one = asyncio.run(_async_chat(server.target, ASK, parallel_tool_calls=False, tool_choice="required",
+                                  **{k: v for k, v in kw.items() if k != "tool_choice"}))
+    assert len(one.tool_calls) == 1
+    # The history (the SDK's calls, then the tool's answer) renders as transformers renders it.
+    from transformers import AutoTokenizer
+
+    history = ASK + [{"role": "assistant", "content": None, "tool_calls": whole.tool_calls[:1]},
+                     {"role": "tool", "tool_call_id": whole.tool_calls[0].id, "content": '{"forecast": "snow"}'}]
+    reference = ASK + [{"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+        "name": "get_weather", "arguments": json.loads(whole.tool_calls[0].arguments)}}]}, history[-1]]
+    expected = AutoTokenizer.from_pretrained(server.model_dir).apply_chat_template(
+        reference, tokenize=False, add_generation_prompt=True)
+    assert grpc_client.tokenize(messages=history).rendered == expected
+    # The CLI: a constraint flag, and tools from a file with the calls printed as JSON lines.
+    (tmp_path / "tools.json").write_text(json.dumps(TOOLS))
+    assert cli.main(["generate", "Code:", "--target", server.target, "--regex", REGEX, "--max-new-tokens", "20"]) == 0
+    assert re.fullmatch(REGEX, capsys.readouterr().out.strip())
+    assert cli.main(["chat", json.dumps(ASK), "--target", server.target, "--tools", f"@{tmp_path / 'tools.json'}",
+                     "--tool-choice", "search", "--no-parallel-tool-calls", "--temperature", "1", "--seed", "2",
+                     "--max-new-tokens", "200", "--stream"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    call = json.loads(lines[-1])
+    assert len(lines) == 1 and call["name"] == "search"
+    jsonschema.validate(json.loads(call["arguments"]), SCHEMA_OF["search"])
+
+
+async def _async_chat(target, messages, **kw):
+    async with AsyncClient(target) as c:
+        return await c.chat(messages, **kw)

@@ -14,7 +14,7 @@ from .errors import (AuthenticationError, CancelledError, DeadlineError, Overloa
                      error_from_status)
 from .retry import RetryPolicy
 from .types import (Classification, Delta, Embedding, FinalInfo, ModelInfo, QAResult, Result, Timings,
-                    TokenClassification, TokenizeResult, TokenLogprob, TopLogprob, Usage)
+                    TokenClassification, TokenizeResult, TokenLogprob, ToolCall, ToolCallDelta, TopLogprob, Usage)
 
 __version__ = "0.1.0"
 
@@ -22,8 +22,8 @@ __all__ = [
     "AsyncClient", "AsyncDeltaStream", "AuthenticationError", "CancelledError", "Classification", "Client",
     "DeadlineError", "Delta", "DeltaStream", "Embedding", "FinalInfo", "GenerationParams", "ModelInfo",
     "OverloadedError", "QAResult", "Qwen2Error", "Result", "RetryPolicy", "ServerError", "Timings",
-    "TokenClassification", "TokenLogprob", "TokenizeResult", "TopLogprob", "UnavailableError",
-    "UnsupportedTaskError", "Usage", "ValidationError", "build_embed_request", "build_generate_request",
-    "build_parameters", "build_qa_request", "build_tokenize_request", "error_from_rpc", "error_from_status",
-    "__version__",
+    "TokenClassification", "TokenLogprob", "TokenizeResult", "ToolCall", "ToolCallDelta", "TopLogprob",
+    "UnavailableError", "UnsupportedTaskError", "Usage", "ValidationError", "build_embed_request",
+    "build_generate_request", "build_parameters", "build_qa_request", "build_tokenize_request", "error_from_rpc",
+    "error_from_status", "__version__",
 ]

@@ -12,8 +12,8 @@ from typing_extensions import Unpack
 
 from ._common import (DEFAULT_TARGET, Deadline, PemSource, call_metadata, channel_credentials,
                       channel_options)
-from .build import (GenerationParams, Message, PoolingInputs, Prompt, build_embed_request, build_generate_request,
-                    build_qa_request, build_tokenize_request, pooling_inputs)
+from .build import (GenerationParams, Message, PoolingInputs, Prompt, ToolChoice, ToolSpec, build_embed_request,
+                    build_generate_request, build_qa_request, build_tokenize_request, pooling_inputs)
 from .errors import DeadlineError, UnavailableError, error_from_rpc
 from .proto import serving_pb2 as pb
 from .proto import serving_pb2_grpc as pb_grpc
@@ -62,27 +62,36 @@ class AsyncClient:
     async def generate(self, prompt: Prompt | None = None, *, text: str | None = None,
                        messages: Sequence[Message] | None = None, token_ids: Sequence[int] | None = None,
                        add_generation_prompt: bool | None = None, request_id: str | None = None,
+                       tools: Sequence[ToolSpec] | None = None, tool_choice: ToolChoice | None = None,
+                       parallel_tool_calls: bool | None = None,
                        timeout: float | None = None, **params: Unpack[GenerationParams]) -> Result:
         req = build_generate_request(prompt, text=text, messages=messages, token_ids=token_ids,
-                                     add_generation_prompt=add_generation_prompt, request_id=request_id, **params)
+                                     add_generation_prompt=add_generation_prompt, request_id=request_id, tools=tools,
+                                     tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls, **params)
         return Result.from_pb(await self._unary(self._stub.Generate, req, timeout))
 
     def generate_stream(self, prompt: Prompt | None = None, *, text: str | None = None,
                         messages: Sequence[Message] | None = None, token_ids: Sequence[int] | None = None,
                         add_generation_prompt: bool | None = None, request_id: str | None = None,
+                        tools: Sequence[ToolSpec] | None = None, tool_choice: ToolChoice | None = None,
+                        parallel_tool_calls: bool | None = None,
                         timeout: float | None = None, **params: Unpack[GenerationParams]) -> "AsyncDeltaStream":
         """An async iterator of Deltas (use `async for`; not awaited itself). Leaving early cancels."""
         req = build_generate_request(prompt, text=text, messages=messages, token_ids=token_ids,
-                                     add_generation_prompt=add_generation_prompt, request_id=request_id, **params)
+                                     add_generation_prompt=add_generation_prompt, request_id=request_id, tools=tools,
+                                     tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls, **params)
         deadline = Deadline(self._timeout if timeout is None else timeout)
         start = lambda: self._stub.GenerateStream(req, timeout=deadline.remaining(), metadata=self._metadata)  # noqa: E731
         return AsyncDeltaStream(start, self.retry, deadline)
 
     async def chat(self, messages: Sequence[Message], add_generation_prompt: bool = True, *,
                    request_id: str | None = None, timeout: float | None = None,
+                   tools: Sequence[ToolSpec] | None = None, tool_choice: ToolChoice | None = None,
+                   parallel_tool_calls: bool | None = None,
                    **params: Unpack[GenerationParams]) -> Result:
         return await self.generate(messages=messages, add_generation_prompt=add_generation_prompt,
-                                   request_id=request_id, timeout=timeout, **params)
+                                   request_id=request_id, timeout=timeout, tools=tools, tool_choice=tool_choice,
+                                   parallel_tool_calls=parallel_tool_calls, **params)
 
     async def tokenize(self, prompt: str | Sequence[Message] | None = None, *, text: str | None = None,
                        messages: Sequence[Message] | None = None, add_generation_prompt: bool | None = None,

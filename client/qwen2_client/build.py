@@ -48,8 +48,12 @@ _BOOLS = {"ignore_eos", "skip_special_tokens", "include_stop_str_in_output", "js
 _STRINGS = {"cache_salt", "regex", "grammar"}
 _FLOATS = {"temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"}
 
-Message = Union[Mapping[str, str], Sequence[str], pb.ChatMessage]
+Message = Union[Mapping[str, Any], Sequence[str], pb.ChatMessage]
 Prompt = Union[str, Sequence[int], Sequence[Message]]
+# OpenAI's {"type": "function", "function": {"name", "description", "parameters"}}, the inner dict alone, or a Tool.
+ToolSpec = Union[Mapping[str, Any], pb.Tool]
+# "auto", "none", "required", or a function: {"type": "function", "function": {"name": ...}} or {"name": ...}.
+ToolChoice = Union[str, Mapping[str, Any]]
 
 
 def build_parameters(**params: Any) -> pb.GenerationParameters:
@@ -111,13 +115,18 @@ def _ints(name: str, values: Any) -> list[int]:
 
 
 def chat_message(m: Message) -> pb.ChatMessage:
-    """{"role", "content"} mapping, (role, content) pair, ChatMessage, or an object with .role/.content."""
+    """{"role", "content"} mapping (an assistant turn's `tool_calls` and a tool turn's `tool_call_id` too, in
+    OpenAI's shape), (role, content) pair, ChatMessage, or an object with .role/.content."""
     if isinstance(m, pb.ChatMessage):
         return m
     if isinstance(m, Mapping):
-        if "role" not in m or "content" not in m:
+        if "role" not in m or ("content" not in m and not m.get("tool_calls")):
             raise ValueError(f"a chat message needs 'role' and 'content', got keys {sorted(m)}")
-        return pb.ChatMessage(role=str(m["role"]), content=str(m["content"]))
+        out = pb.ChatMessage(role=str(m["role"]), content=str(m.get("content") or ""),
+                             tool_calls=[tool_call(c) for c in m.get("tool_calls") or ()])
+        if m.get("tool_call_id"):
+            out.tool_call_id = str(m["tool_call_id"])
+        return out
     if isinstance(m, Sequence) and not isinstance(m, str) and len(m) == 2:
         return pb.ChatMessage(role=str(m[0]), content=str(m[1]))
     if hasattr(m, "role") and hasattr(m, "content"):
@@ -125,12 +134,53 @@ def chat_message(m: Message) -> pb.ChatMessage:
     raise TypeError(f"not a chat message: {m!r}")
 
 
-def chat_input(messages: Sequence[Message], add_generation_prompt: bool | None) -> pb.ChatInput:
+def tool_call(c: Any) -> pb.ToolCall:
+    """A history call: OpenAI's {"id", "type", "function": {"name", "arguments"}}, {"id", "name", "arguments"},
+    or a ToolCall (this SDK's or the proto's); arguments as JSON text or a mapping."""
+    if isinstance(c, pb.ToolCall):
+        return c
+    if isinstance(c, Mapping):
+        fn = c.get("function") or c
+        call_id, name, arguments = c.get("id"), fn.get("name"), fn.get("arguments", {})
+    else:
+        call_id, name, arguments = getattr(c, "id", None), getattr(c, "name", None), getattr(c, "arguments", "{}")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a tool call needs a function name, got {c!r}")
+    return pb.ToolCall(id=str(call_id or ""), name=name,
+                       arguments=arguments if isinstance(arguments, str) else json.dumps(arguments))
+
+
+def tool(t: ToolSpec) -> pb.Tool:
+    if isinstance(t, pb.Tool):
+        return t
+    if not isinstance(t, Mapping):
+        raise TypeError(f"a tool must be a mapping ({{'type': 'function', 'function': {{...}}}}), got {t!r}")
+    fn = t.get("function", t)
+    parameters = fn.get("parameters")
+    return pb.Tool(name=str(fn.get("name", "")), description=str(fn.get("description") or ""),
+                   parameters="" if parameters is None else parameters if isinstance(parameters, str)
+                   else json.dumps(parameters))
+
+
+def chat_input(messages: Sequence[Message], add_generation_prompt: bool | None, tools: Sequence[ToolSpec] | None = None,
+               tool_choice: ToolChoice | None = None, parallel_tool_calls: bool | None = None) -> pb.ChatInput:
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
         raise TypeError(f"messages must be a list of chat messages, got {type(messages).__name__}")
-    out = pb.ChatInput(messages=[chat_message(m) for m in messages])
+    out = pb.ChatInput(messages=[chat_message(m) for m in messages], tools=[tool(t) for t in tools or ()])
     if add_generation_prompt is not None:
         out.add_generation_prompt = bool(add_generation_prompt)
+    if isinstance(tool_choice, str):
+        out.tool_choice_mode = tool_choice
+    elif isinstance(tool_choice, Mapping):
+        name = (tool_choice.get("function") or tool_choice).get("name")
+        if not isinstance(name, str):
+            raise TypeError(f"tool_choice must name a function ({{'type': 'function', 'function': {{'name': ...}}}}), "
+                            f"got {tool_choice!r}")
+        out.tool_choice_function = name
+    elif tool_choice is not None:
+        raise TypeError(f"tool_choice must be 'auto', 'none', 'required' or a function, got {tool_choice!r}")
+    if parallel_tool_calls is not None:
+        out.parallel_tool_calls = bool(parallel_tool_calls)
     return out
 
 
@@ -161,17 +211,20 @@ def split_prompt(prompt: Prompt | None, text: str | None, messages: Sequence[Mes
 def build_generate_request(prompt: Prompt | None = None, *, text: str | None = None,
                            messages: Sequence[Message] | None = None, token_ids: Sequence[int] | None = None,
                            add_generation_prompt: bool | None = None, request_id: str | None = None,
-                           **params: Any) -> pb.GenerateRequest:
+                           tools: Sequence[ToolSpec] | None = None, tool_choice: ToolChoice | None = None,
+                           parallel_tool_calls: bool | None = None, **params: Any) -> pb.GenerateRequest:
     kind, value = split_prompt(prompt, text, messages, token_ids)
     req = pb.GenerateRequest(parameters=build_parameters(**params))
     if kind == "text":
         req.text = value
     elif kind == "messages":
-        req.chat.CopyFrom(chat_input(value, add_generation_prompt))
+        req.chat.CopyFrom(chat_input(value, add_generation_prompt, tools, tool_choice, parallel_tool_calls))
     else:
         req.token_ids.ids.extend(_ints("token_ids", value))
     if add_generation_prompt is not None and kind != "messages":
         raise TypeError("add_generation_prompt applies to chat messages only")
+    if (tools, tool_choice, parallel_tool_calls) != (None, None, None) and kind != "messages":
+        raise TypeError("tools, tool_choice and parallel_tool_calls apply to chat messages only")
     if request_id:
         req.request_id = request_id
     return req

@@ -105,6 +105,12 @@ def _generation_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--include-stop-str-in-output", action="store_true", default=None,
                    help="keep the matched stop string in the text")
     g.add_argument("--cache-salt", help="share cached prompt blocks only with requests of the same salt")
+    g = p.add_argument_group("structured outputs (at most one: the output matches it)")
+    g.add_argument("--json-schema", metavar="SCHEMA", help="a JSON schema: JSON, @FILE or -")
+    g.add_argument("--json-object", action="store_true", default=None, help="any JSON object")
+    g.add_argument("--regex", metavar="REGEX")
+    g.add_argument("--choice", action="append", metavar="STR", help="one of these strings (repeatable)")
+    g.add_argument("--grammar", metavar="EBNF", help="a context-free grammar (`root` starts it): text, @FILE or -")
     g.add_argument("--request-id")
     p.add_argument("--json", action="store_true", help="print JSON (stream: one object per line)")
     p.add_argument("-v", "--verbose", action="store_true", help="print finish reason and usage to stderr")
@@ -113,7 +119,7 @@ def _generation_options(p: argparse.ArgumentParser) -> None:
 PARAM_ARGS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
               "presence_penalty", "frequency_penalty", "seed", "stop", "stop_token_ids", "ignore_eos", "logprobs",
               "logit_bias", "min_tokens", "prompt_logprobs", "skip_special_tokens", "include_stop_str_in_output",
-              "cache_salt")
+              "cache_salt", "json_schema", "json_object", "regex", "choice", "grammar")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help='JSON list of {"role", "content"}, @FILE holding one, or - for stdin')
     p.add_argument("--no-generation-prompt", dest="add_generation_prompt", action="store_false")
     p.add_argument("--stream", action="store_true", help="print text as it arrives")
+    p.add_argument("--tools", metavar="TOOLS", help='JSON list of tools ({"type": "function", "function": {"name", '
+                   '"description", "parameters"}}), @FILE or -; calls print as JSON lines after the text')
+    p.add_argument("--tool-choice", metavar="CHOICE", help="auto (default with tools), none, required, or a "
+                   "function's name")
+    p.add_argument("--no-parallel-tool-calls", dest="parallel_tool_calls", action="store_false", default=None,
+                   help="at most one call")
     _generation_options(p)
 
     p = command("tokenize", "tokenize text or chat messages")
@@ -174,7 +186,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 def generation_params(args: argparse.Namespace) -> dict[str, Any]:
     """The generation keyword arguments the user gave (None = not given, so not sent)."""
-    return {name: getattr(args, name) for name in PARAM_ARGS if getattr(args, name, None) is not None}
+    params = {name: getattr(args, name) for name in PARAM_ARGS if getattr(args, name, None) is not None}
+    for name in ("json_schema", "grammar"):
+        if name in params:
+            params[name] = read_arg(params[name])
+    return params
+
+
+def tool_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """chat's tools, tool_choice and parallel_tool_calls, as given."""
+    out: dict[str, Any] = {}
+    if args.tools is not None:
+        try:
+            out["tools"] = json.loads(read_arg(args.tools))
+        except json.JSONDecodeError as e:
+            raise UsageError(f"--tools is not valid JSON: {e}") from None
+        if not isinstance(out["tools"], list):
+            raise UsageError("--tools must be a JSON list of tools")
+    if args.tool_choice is not None:
+        choice = args.tool_choice
+        out["tool_choice"] = choice if choice in ("auto", "none", "required") else {"name": choice}
+    if args.parallel_tool_calls is not None:
+        out["parallel_tool_calls"] = args.parallel_tool_calls
+    return out
 
 
 def read_arg(value: str) -> str:
@@ -198,7 +232,8 @@ def parse_messages(value: str) -> list[dict[str, str]]:
         raise UsageError(f"messages are not valid JSON: {e}") from None
     if isinstance(data, dict) and "messages" in data:
         data = data["messages"]
-    if not isinstance(data, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in data):
+    if not isinstance(data, list) or not all(isinstance(m, dict) and "role" in m and ("content" in m or "tool_calls" in m)
+                                             for m in data):
         raise UsageError('messages must be a JSON list of {"role": ..., "content": ...} objects')
     return data
 
@@ -238,21 +273,30 @@ def _print_result(result: Result, args, out) -> None:
         print(json.dumps(result_json(result), ensure_ascii=False), file=out)
     else:
         print(result.text, file=out)
+        for call in result.tool_calls:
+            print(_call_line(call), file=out)
     if args.verbose:
         _summary(result.finish_reason, result.usage, sys.stderr)
 
 
+def _call_line(call) -> str:
+    return json.dumps({"id": call.id, "name": call.name, "arguments": call.arguments}, ensure_ascii=False)
+
+
 def _print_stream(stream, args, out) -> None:
-    final = None
+    final, calls = None, []
     with stream:
         for delta in stream:
             if args.json:
                 print(json.dumps(delta_json(delta), ensure_ascii=False), file=out, flush=True)
             else:
                 print(delta.text, end="", file=out, flush=True)
+                calls += delta.tool_calls
             final = delta.final or final
     if not args.json:
         print(file=out)
+        for call in calls:
+            print(_call_line(call), file=out)
     if args.verbose and final is not None:
         _summary(final.finish_reason, final.usage, sys.stderr)
 
@@ -268,7 +312,7 @@ def run(args: argparse.Namespace, out=None) -> int:
                 _print_stream(client.generate_stream(**kw), args, out)
         elif args.command == "chat":
             kw = dict(messages=parse_messages(args.messages), add_generation_prompt=args.add_generation_prompt,
-                      request_id=args.request_id, **generation_params(args))
+                      request_id=args.request_id, **tool_kwargs(args), **generation_params(args))
             if args.stream:
                 _print_stream(client.generate_stream(**kw), args, out)
             else:

@@ -12,8 +12,8 @@ from typing_extensions import Unpack
 
 from ._common import (DEFAULT_TARGET, Deadline, PemSource, call_metadata, channel_credentials,
                       channel_options)
-from .build import (GenerationParams, Message, PoolingInputs, Prompt, build_embed_request, build_generate_request,
-                    build_qa_request, build_tokenize_request, pooling_inputs)
+from .build import (GenerationParams, Message, PoolingInputs, Prompt, ToolChoice, ToolSpec, build_embed_request,
+                    build_generate_request, build_qa_request, build_tokenize_request, pooling_inputs)
 from .errors import DeadlineError, UnavailableError, error_from_rpc
 from .proto import serving_pb2 as pb
 from .proto import serving_pb2_grpc as pb_grpc
@@ -68,30 +68,39 @@ class Client:
     def generate(self, prompt: Prompt | None = None, *, text: str | None = None,
                  messages: Sequence[Message] | None = None, token_ids: Sequence[int] | None = None,
                  add_generation_prompt: bool | None = None, request_id: str | None = None,
+                 tools: Sequence[ToolSpec] | None = None, tool_choice: ToolChoice | None = None,
+                 parallel_tool_calls: bool | None = None,
                  timeout: float | None = None, **params: Unpack[GenerationParams]) -> Result:
         """The whole generation. `prompt` is text (str), token ids (list[int]) or chat messages."""
         req = build_generate_request(prompt, text=text, messages=messages, token_ids=token_ids,
-                                     add_generation_prompt=add_generation_prompt, request_id=request_id, **params)
+                                     add_generation_prompt=add_generation_prompt, request_id=request_id, tools=tools,
+                                     tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls, **params)
         return Result.from_pb(self._unary(self._stub.Generate, req, timeout))
 
     def generate_stream(self, prompt: Prompt | None = None, *, text: str | None = None,
                         messages: Sequence[Message] | None = None, token_ids: Sequence[int] | None = None,
                         add_generation_prompt: bool | None = None, request_id: str | None = None,
+                        tools: Sequence[ToolSpec] | None = None, tool_choice: ToolChoice | None = None,
+                        parallel_tool_calls: bool | None = None,
                         timeout: float | None = None, **params: Unpack[GenerationParams]) -> "DeltaStream":
         """An iterator of Deltas (the last carries `final`). Leaving it early (break, close(), cancel(),
         or a `with` block) cancels the call, so the server frees the sequence at once."""
         req = build_generate_request(prompt, text=text, messages=messages, token_ids=token_ids,
-                                     add_generation_prompt=add_generation_prompt, request_id=request_id, **params)
+                                     add_generation_prompt=add_generation_prompt, request_id=request_id, tools=tools,
+                                     tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls, **params)
         deadline = Deadline(self._timeout if timeout is None else timeout)
         start = lambda: self._stub.GenerateStream(req, timeout=deadline.remaining(), metadata=self._metadata)  # noqa: E731
         return DeltaStream(start, self.retry, deadline)
 
     def chat(self, messages: Sequence[Message], add_generation_prompt: bool = True, *,
              request_id: str | None = None, timeout: float | None = None,
+             tools: Sequence[ToolSpec] | None = None, tool_choice: ToolChoice | None = None,
+             parallel_tool_calls: bool | None = None,
              **params: Unpack[GenerationParams]) -> Result:
         """Generate from chat messages rendered with the checkpoint's chat template."""
         return self.generate(messages=messages, add_generation_prompt=add_generation_prompt,
-                             request_id=request_id, timeout=timeout, **params)
+                             request_id=request_id, timeout=timeout, tools=tools, tool_choice=tool_choice,
+                             parallel_tool_calls=parallel_tool_calls, **params)
 
     def tokenize(self, prompt: str | Sequence[Message] | None = None, *, text: str | None = None,
                  messages: Sequence[Message] | None = None, add_generation_prompt: bool | None = None,

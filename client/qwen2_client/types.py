@@ -77,6 +77,39 @@ class FinalInfo:
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A call the model made (chat with tools): `arguments` is a JSON object as text, as the model wrote it."""
+
+    id: str
+    name: str
+    arguments: str
+
+    @classmethod
+    def from_pb(cls, m: pb.ToolCall) -> "ToolCall":
+        return cls(m.id, m.name, m.arguments)
+
+
+@dataclass(frozen=True)
+class ToolCallDelta:
+    """A streamed call as OpenAI streams it: the first delta of call `index` has its id and name (arguments
+    ""), the next ones fragments of its arguments."""
+
+    index: int
+    id: str = ""
+    name: str = ""
+    arguments: str = ""
+
+
+def _add_up(deltas: Iterable[ToolCallDelta]) -> list[ToolCall]:
+    calls: dict[int, list[str]] = {}
+    for d in deltas:
+        call = calls.setdefault(d.index, ["", "", ""])
+        call[0], call[1] = call[0] or d.id, call[1] or d.name
+        call[2] += d.arguments
+    return [ToolCall(*calls[i]) for i in sorted(calls)]
+
+
+@dataclass(frozen=True)
 class Result:
     """One finished generation (Generate, or a GenerateStream collected with `Result.from_deltas`)."""
 
@@ -91,6 +124,7 @@ class Result:
     rope_variant: str = ""
     # With prompt_logprobs=N: one per prompt token after the first (which has no context).
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)  # chat with tools: `text` keeps the rest
 
     @classmethod
     def from_pb(cls, m: pb.GenerateResponse) -> "Result":
@@ -101,13 +135,17 @@ class Result:
             finish_reason=final.finish_reason, usage=final.usage, timings=final.timings,
             matched_stop=final.matched_stop, rope_variant=final.rope_variant,
             prompt_logprobs=[TokenLogprob.from_pb(lp) for lp in m.prompt_logprobs],
+            tool_calls=[ToolCall.from_pb(c) for c in m.tool_calls],
         )
 
     @classmethod
     def from_deltas(cls, deltas: Iterable["Delta"]) -> "Result":
         """Concatenate a stream's deltas into the Result that Generate would have returned."""
         text, ids, lps, prompt_lps, final, request_id = [], [], [], [], FinalInfo(), ""
+        call_deltas, whole_calls = [], []
         for d in deltas:
+            call_deltas += d.tool_call_deltas
+            whole_calls += d.tool_calls
             text.append(d.text)
             ids.extend(d.token_ids)
             lps.extend(d.logprobs)
@@ -117,7 +155,8 @@ class Result:
                 final = d.final
         return cls(request_id=request_id, text="".join(text), token_ids=ids, logprobs=lps,
                    finish_reason=final.finish_reason, usage=final.usage, timings=final.timings,
-                   matched_stop=final.matched_stop, rope_variant=final.rope_variant, prompt_logprobs=prompt_lps)
+                   matched_stop=final.matched_stop, rope_variant=final.rope_variant, prompt_logprobs=prompt_lps,
+                   tool_calls=_add_up(call_deltas) if call_deltas else whole_calls)  # servers before deltas: whole
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -133,6 +172,8 @@ class Delta:
     final: FinalInfo | None = None
     request_id: str = ""
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # on the first delta, as in Result
+    tool_calls: list[ToolCall] = field(default_factory=list)  # each call once it is whole
+    tool_call_deltas: list[ToolCallDelta] = field(default_factory=list)  # the calls as they are written
 
     @classmethod
     def from_pb(cls, m: pb.GenerateStreamResponse) -> "Delta":
@@ -140,7 +181,9 @@ class Delta:
                    logprobs=[TokenLogprob.from_pb(lp) for lp in m.logprobs],
                    final=FinalInfo.from_pb(m.final) if m.HasField("final") else None,
                    request_id=m.request_id,
-                   prompt_logprobs=[TokenLogprob.from_pb(lp) for lp in m.prompt_logprobs])
+                   prompt_logprobs=[TokenLogprob.from_pb(lp) for lp in m.prompt_logprobs],
+                   tool_calls=[ToolCall.from_pb(c) for c in m.tool_calls],
+                   tool_call_deltas=[ToolCallDelta(d.index, d.id, d.name, d.arguments) for d in m.tool_call_deltas])
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
