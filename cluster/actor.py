@@ -75,11 +75,11 @@ class ShardActor:
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.worker.allocate_kv_cache(num_blocks)
 
-    def execute(self, seqs):
+    def execute(self, seqs, forget=()):
         """This rank's step: (sampled results on the driver rank else None, seconds spent in it, of which
-        sampling)."""
+        sampling). `forget`: sequences whose kept plans end first (ShardWorker.execute)."""
         began = time.perf_counter()
-        results = self.worker.execute(seqs)
+        results = self.worker.execute(seqs, forget)
         return results, time.perf_counter() - began, self.worker.last_sample_s
 
     def shutdown(self) -> None:

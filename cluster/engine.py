@@ -155,8 +155,8 @@ class Engine:
                 raise EngineError(f"no room for a KV block of {loaded[0]['kv_block_bytes']} bytes: raise the KV budget")
             await asyncio.gather(*(a.allocate_kv_cache.remote(self.num_kv_blocks) for a in self.actors))
             if c.compiled_graph if c.compiled_graph is not None else c.device == "cuda":
-                with InputNode() as plan:
-                    graph = MultiOutputNode([a.execute.bind(plan) for a in self.actors])
+                with InputNode() as step:
+                    graph = MultiOutputNode([a.execute.bind(step[0], step[1]) for a in self.actors])
                 self.dag = graph.experimental_compile(
                     enable_asyncio=True, _max_inflight_executions=c.max_inflight_steps or max(2, pp)
                 )
@@ -236,8 +236,9 @@ class Engine:
             raise EngineError(f"rank probe failed: {type(e).__name__}: {e}") from e
 
     # -- the step ---------------------------------------------------------------------------------
-    async def step(self, seqs: list[SeqPlan]) -> list[dict]:
+    async def step(self, seqs: list[SeqPlan], forget: list[int] = ()) -> list[dict]:
         """Run one step on every rank; returns one dict per sampling sequence (see ShardWorker.execute).
+        `forget`: ids of sequences whose plans the ranks keep and may drop before this step's.
 
         Calls may overlap: steps run on every rank in the order they were submitted."""
         if not self.healthy:
@@ -245,9 +246,9 @@ class Engine:
         try:
             async with self._submit:
                 if self.dag is not None:
-                    pending = await self.dag.execute_async(seqs)
+                    pending = await self.dag.execute_async(seqs, forget)
                 else:
-                    pending = [a.execute.remote(seqs) for a in self.actors]
+                    pending = [a.execute.remote(seqs, forget) for a in self.actors]
             results = await asyncio.wait_for(self._gather_probing(pending), self.config.step_timeout_s)
         except asyncio.TimeoutError:
             self.healthy = False

@@ -256,7 +256,7 @@ class Runner:
                     self._end(self.requests[seq.seq_id], Event(finish_reason="length"))
             if not plans:
                 break
-            in_flight.append(asyncio.create_task(self._step(plans)))
+            in_flight.append(asyncio.create_task(self._step(plans, self.scheduler.pop_forgotten())))
         if self._outbox is not None:
             try:
                 await asyncio.sleep(0)  # the new step's task runs up to its submission first
@@ -287,7 +287,7 @@ class Runner:
         rows = []
         for plan in plans:
             request = self.requests.get(plan.seq_id)
-            if plan.sampling is not None and request is not None and request.matcher is not None:
+            if plan.samples and request is not None and request.matcher is not None:
                 request.matcher.sync(request.seq.output_token_ids)
                 rows.append((plan, request.matcher))
         if rows:
@@ -295,9 +295,9 @@ class Runner:
                 plan.token_mask = mask
             self.metrics.step_phase.labels("mask").observe(time.perf_counter() - began)
 
-    async def _step(self, plans):
+    async def _step(self, plans, forget: list[int]):
         began = time.perf_counter()
-        results = await self.engine.step(plans)
+        results = await self.engine.step(plans, forget)
         seconds = time.perf_counter() - began
         self.metrics.step_phase.labels("execute").observe(seconds)
         self._adapt_prefill_budget(plans, seconds)

@@ -153,6 +153,11 @@ class Sequence:
     pooling: str | None = None
     pool_position: int | None = None
     pooled: list = field(default_factory=list)
+    # What the ranks keep of its plans since its admission (shards/batch.py KeptSequences): blocks of its table
+    # (None: nothing, the next plan is whole), outputs, and whether its sampling parameters (and prompt) were sent.
+    sent_blocks: int | None = None
+    sent_outputs: int = 0
+    sent_sampling: bool = False
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -204,6 +209,7 @@ class Scheduler:
         self._next_age = 0
         self._planned: dict[int, SeqPlan] = {}  # seq_id -> its plan in flight
         self._aborted: list[Sequence] = []
+        self._forgotten: list[int] = []  # sequences whose kept plans the ranks may drop (pop_forgotten)
 
     @property
     def num_running(self) -> int:
@@ -310,7 +316,7 @@ class Scheduler:
         by_id = {r["seq_id"]: r for r in results}
         live = [p for p in plans if self._planned.get(p.seq_id) is p]
         missing = [p.seq_id for p in live
-                   if (p.sampling is not None or p.prompt_logprobs is not None or p.pooling is not None)
+                   if (p.samples or p.prompt_logprobs is not None or p.pooling is not None)
                    and p.seq_id not in by_id]
         if missing:  # checked before changing anything, so the caller can still requeue_all()
             raise ValueError(f"step results have no token for sampling sequences {missing} (or no prompt rows)")
@@ -325,7 +331,7 @@ class Scheduler:
             if plan.pooling is not None:  # a recompute (after a preemption) starts the parts over
                 seq.pooled = seq.pooled if plan.start else []
                 seq.pooled.append(by_id[plan.seq_id]["pooled"])
-            if plan.sampling is not None:
+            if plan.samples:
                 seq.output_token_ids.append(by_id[plan.seq_id]["token_id"])
                 sampled.append(seq)
             elif not seq.samples and seq.num_computed_tokens == seq.num_tokens:
@@ -353,8 +359,15 @@ class Scheduler:
             self._release(seq)
             seq.status = SeqStatus.WAITING
         self.blocks.forget_all()
+        self._forgotten.clear()  # the rebuilt engine's ranks keep nothing
         self.waiting = sorted(self.running + self.waiting, key=self._key)  # they all go before never-admitted
         self.running = []
+
+    def pop_forgotten(self) -> list[int]:
+        """Ids of sequences released since the last call whose plans the ranks keep: the next step tells them to
+        drop those (before its own plans, which may start one of them afresh)."""
+        forgotten, self._forgotten = self._forgotten, []
+        return forgotten
 
     def pop_aborted(self) -> list[Sequence]:
         """Sequences dropped because they outgrew the whole KV cache (status FINISHED, blocks freed).
@@ -410,6 +423,7 @@ class Scheduler:
             for i, key in enumerate(self._block_keys(seq, end // size)[start // size:], start // size):
                 self.blocks.remember(seq.block_table[i], key)
         samples = end == seq.num_tokens and seq.samples
+        send_sampling = samples and not seq.sent_sampling  # else the ranks keep the parameters (and prompt)
         penalised = seq.sampling.repetition_penalty != 1.0
         # Prompt logprobs until they are delivered (with the first token), recomputed after a preemption.
         scores = seq.sampling.prompt_logprobs is not None and not seq.output_token_ids
@@ -417,16 +431,22 @@ class Scheduler:
             seq_id=seq.seq_id,
             token_ids=seq.tokens(start, end),
             start=start,
-            block_table=list(seq.block_table),
+            block_table=seq.block_table[seq.sent_blocks or 0:],
             rope_variant=seq.rope_variant,
-            sampling=seq.sampling if samples else None,
-            prompt_token_ids=list(seq.prompt_token_ids) if samples and penalised else [],
-            output_token_ids=list(seq.output_token_ids) if samples else [],  # its length seeds the RNG counter
+            sampling=seq.sampling if send_sampling else None,
+            prompt_token_ids=list(seq.prompt_token_ids) if send_sampling and penalised else [],
+            # Its length seeds the RNG counter: the ranks have the first sent_outputs.
+            output_token_ids=seq.output_token_ids[seq.sent_outputs:] if samples else [],
             prompt_logprobs=seq.sampling.prompt_logprobs if scores else None,
             next_token_id=seq.prompt_token_ids[end] if scores and end < len(seq.prompt_token_ids) else None,
             pooling=seq.pooling,
             pool_position=seq.pool_position,
+            continues=seq.sent_blocks is not None,
+            keeps_sampling=samples and not send_sampling,
         )
+        seq.sent_blocks = len(seq.block_table)
+        if samples:
+            seq.sent_outputs, seq.sent_sampling = len(seq.output_token_ids), True
         seq.in_flight = True
         if seq.first_scheduled_time is None:
             seq.first_scheduled_time = time.monotonic()
@@ -443,6 +463,9 @@ class Scheduler:
         bisect.insort(self.waiting, seq, key=self._key)
 
     def _release(self, seq: Sequence) -> None:
+        if seq.sent_blocks is not None:
+            self._forgotten.append(seq.seq_id)
+        seq.sent_blocks, seq.sent_outputs, seq.sent_sampling = None, 0, False
         self.blocks.free(seq.block_table)
         seq.block_table = []
         seq.num_computed_tokens = 0

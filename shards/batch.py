@@ -3,6 +3,10 @@
 A step flattens every scheduled sequence's tokens into one batch: a prefill chunk contributes several
 tokens (possibly starting mid-prompt), a decode contributes one. All ranks build the same batch from the
 same plan, so nothing but hidden states and collectives crosses between them.
+
+What does not change for a sequence between its steps (its block table so far, sampling parameters, prompt and
+outputs for the penalties) stays on the ranks (`KeptSequences`): after its first plan, a sequence's plans carry
+only what is new, so a decode step's plan is a few dozen bytes per sequence whatever the context length.
 """
 
 from dataclasses import dataclass, field
@@ -19,11 +23,12 @@ class SeqPlan:
     seq_id: int
     token_ids: list[int]
     start: int  # position of token_ids[0]
-    block_table: list[int]
+    block_table: list[int]  # its blocks; on a continuing plan, those appended since its previous plan
     rope_variant: int = 0
-    sampling: SamplingParams | None = None  # set when this step ends the sequence's known tokens
-    prompt_token_ids: list[int] = field(default_factory=list)  # for the repetition penalty only
-    output_token_ids: list[int] = field(default_factory=list)  # for penalties and the seeded RNG counter
+    sampling: SamplingParams | None = None  # set when this step samples (a continuing plan: see keeps_sampling)
+    prompt_token_ids: list[int] = field(default_factory=list)  # for the repetition penalty only; sent with `sampling`
+    # For penalties and the seeded RNG counter, when it samples; on a continuing plan, those since the last sent.
+    output_token_ids: list[int] = field(default_factory=list)
     # Set on the prompt chunks of a request that asked prompt logprobs: top-n, and the prompt token after the
     # chunk (None on the last chunk), which the chunk's last row predicts.
     prompt_logprobs: int | None = None
@@ -36,11 +41,64 @@ class SeqPlan:
     # their sum over the chunk (mean pooling). With pool_position, only the row at that position (if in the chunk).
     pooling: str | None = None
     pool_position: int | None = None
+    # A continuing plan: the ranks have this sequence's earlier plans (since it was admitted) and resolve this one
+    # against them (KeptSequences). keeps_sampling: it samples with the parameters sent before (sampling is None).
+    continues: bool = False
+    keeps_sampling: bool = False
+
+    @property
+    def samples(self) -> bool:
+        return self.sampling is not None or self.keeps_sampling
 
     @property
     def prompt_targets(self) -> list[int]:
         """The prompt tokens this chunk's rows predict, in row order (row i predicts the token after it)."""
         return self.token_ids[1:] + ([] if self.next_token_id is None else [self.next_token_id])
+
+
+@dataclass
+class _Kept:
+    block_table: list[int]
+    sampling: SamplingParams | None
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+
+
+class KeptSequences:
+    """A rank's copy of what its sequences' plans sent so far, keyed by seq_id: continuing plans are resolved
+    against it into whole plans. Every rank sees every step in submission order and a sequence is in one step at
+    a time, so the copies stay in step with the router's; it forgets a sequence when told (finished, preempted)
+    and a plan that does not continue starts its sequence afresh."""
+
+    def __init__(self):
+        self._seqs: dict[int, _Kept] = {}
+
+    def __len__(self) -> int:
+        return len(self._seqs)
+
+    def resolve(self, plans: list[SeqPlan], forget=()) -> list[SeqPlan]:
+        """The plans made whole (continuing ones completed in place), after forgetting `forget`'s ids."""
+        for seq_id in forget:
+            self._seqs.pop(seq_id, None)
+        for plan in plans:
+            if not plan.continues:
+                self._seqs[plan.seq_id] = _Kept(list(plan.block_table), plan.sampling, plan.prompt_token_ids,
+                                                list(plan.output_token_ids))
+                continue
+            kept = self._seqs.get(plan.seq_id)
+            if kept is None:
+                raise ValueError(f"sequence {plan.seq_id}: a continuing plan for a sequence this rank does not hold")
+            kept.block_table += plan.block_table
+            kept.output_token_ids += plan.output_token_ids
+            if plan.sampling is not None:
+                kept.sampling, kept.prompt_token_ids = plan.sampling, plan.prompt_token_ids
+            elif plan.keeps_sampling:
+                if kept.sampling is None:
+                    raise ValueError(f"sequence {plan.seq_id}: keeps sampling parameters it was never sent")
+                plan.sampling = kept.sampling
+            plan.block_table, plan.prompt_token_ids = kept.block_table, kept.prompt_token_ids
+            plan.output_token_ids = kept.output_token_ids
+        return plans
 
 
 @dataclass

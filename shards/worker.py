@@ -10,7 +10,7 @@ import time
 import torch
 
 from shards.attention import allocate_kv_cache
-from shards.batch import SeqPlan, StepBatch
+from shards.batch import KeptSequences, SeqPlan, StepBatch
 from shards.config import DTYPES, Qwen2Config
 from shards.loader import load_weights
 from shards.model import Qwen2Stage
@@ -47,6 +47,7 @@ class ShardWorker:
             self.model = Qwen2Stage(config, groups, attention_backend, self.quant)
         self.bytes_loaded = load_weights(self.model.checkpoint_targets(), model_dir, progress)
         self.kv_cache = None
+        self.kept = KeptSequences()  # what earlier plans sent, for the continuing ones
         self.last_sample_s = 0.0  # seconds the driver spent sampling in its last step
         if num_kv_blocks is not None:
             self.allocate_kv_cache(num_kv_blocks)
@@ -66,9 +67,10 @@ class ShardWorker:
             self.config.dtype, self.device,
         )
 
-    def _hidden(self, seqs: list[SeqPlan]) -> tuple[torch.Tensor | None, StepBatch]:
-        """This rank's stage over one step: the final hidden states on the last stage, None elsewhere."""
-        batch = StepBatch.build(seqs, self.block_size, self.device)
+    def _hidden(self, seqs: list[SeqPlan], forget=()) -> tuple[torch.Tensor | None, StepBatch]:
+        """This rank's stage over one step: the final hidden states on the last stage, None elsewhere. `forget`:
+        ids of sequences whose kept plans end before this step (see KeptSequences)."""
+        batch = StepBatch.build(self.kept.resolve(seqs, forget), self.block_size, self.device)
         hidden = None
         if not self.groups.is_first_stage:
             shape = (batch.num_tokens, self.config.hidden_size)
@@ -86,12 +88,12 @@ class ShardWorker:
         return (None if hidden is None else self.model.logits(hidden[batch.sample_rows])), batch
 
     @torch.inference_mode()
-    def execute(self, seqs: list[SeqPlan]) -> list[dict] | None:
+    def execute(self, seqs: list[SeqPlan], forget=()) -> list[dict] | None:
         """One step: forward, then sample on the driver rank. Returns, on the driver, one dict per sequence
         that samples, scores its prompt or pools: {"seq_id"}, with "token_id", "logprob", "top" if it samples,
         "prompt_logprobs" (a row per prompt_targets) if it scores, "pooled" (see _pool) if it pools; None
         elsewhere."""
-        hidden, batch = self._hidden(seqs)
+        hidden, batch = self._hidden(seqs, forget)
         if hidden is None:
             return None
         # Every TP rank of the last stage gathers the vocabulary (a collective), whether it samples or not.

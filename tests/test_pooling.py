@@ -363,7 +363,7 @@ def test_pooling_sequences_neither_take_nor_give_cached_blocks_and_restart_their
     def result(plan):
         if plan.pooling is not None:
             return {"seq_id": plan.seq_id, "pooled": torch.tensor([[float(plan.start)]])}
-        return {"seq_id": plan.seq_id, "token_id": 1} if plan.sampling is not None else {"seq_id": plan.seq_id}
+        return {"seq_id": plan.seq_id, "token_id": 1} if plan.samples else {"seq_id": plan.seq_id}
 
     prompt = list(range(100, 112))  # 3 full blocks of 4
 

@@ -7,6 +7,8 @@ request is known in advance and a preempted or requeued sequence must reproduce 
 """
 
 import collections
+import copy
+import dataclasses
 from collections import deque
 
 import pytest
@@ -14,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from router.scheduler import BlockManager, QueueFullError, Scheduler, Sequence, SeqStatus
+from shards.batch import KeptSequences
 from shards.sampling import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -41,9 +44,17 @@ def kv(prev, token: int, rope_variant: int):
 
 
 class FakeModel:
+    """Also a rank's KeptSequences: it reads each step's plans as a rank does, copies made whole."""
+
     def __init__(self, sched: Scheduler):
         self.sched, self.block_size = sched, sched.blocks.block_size
         self.cache = [[None] * self.block_size for _ in range(sched.blocks.num_total)]
+        self.kept = KeptSequences()
+
+    def rebuild(self):
+        """The engine was rebuilt: its ranks keep nothing (the cache's contents are lost too)."""
+        self.kept = KeptSequences()
+        self.cache = [[None] * self.block_size for _ in range(self.sched.blocks.num_total)]
 
     def slot(self, table, pos):
         return self.cache[table[pos // self.block_size]], pos % self.block_size
@@ -52,7 +63,10 @@ class FakeModel:
         block, off = self.slot(table, pos)
         return block[off]
 
-    def step(self, plans):
+    def step(self, sent, forget=None):
+        """`forget`: what went with these plans (None: the scheduler's now, for a step run as it is scheduled)."""
+        forget = self.sched.pop_forgotten() if forget is None else forget
+        plans = self.kept.resolve(copy.deepcopy(sent), forget)  # as a rank unpickles and resolves them
         for p in plans:  # all writes of a step land before any read, as in one forward
             prev = self.read(p.block_table, p.start - 1) if p.start else None
             for i, tok in enumerate(p.token_ids):
@@ -60,18 +74,21 @@ class FakeModel:
                 block, off = self.slot(p.block_table, p.start + i)
                 block[off] = prev
         results = []
-        for p in plans:
+        for p, original in zip(plans, sent):
             seq = self.sched._seqs.get(p.seq_id)
-            if seq is None or self.sched._planned.get(p.seq_id) is not p:
+            if seq is None or self.sched._planned.get(p.seq_id) is not original:
                 continue  # finished or requeued since: its results are dropped
             end = p.start + len(p.token_ids)
             context, expected = seq.all_token_ids[:end], None
             for pos, tok in enumerate(context):  # every position it attends holds its own prefix's K/V
                 expected = kv(expected, tok, seq.rope_variant)
                 assert self.read(p.block_table, pos) == expected, f"seq {p.seq_id}: wrong K/V at position {pos}"
+            assert p.block_table == seq.block_table[: len(p.block_table)]  # the rank's table is the router's
             if p.sampling is None:
+                assert not p.samples
                 continue
-            assert context[len(context) - len(p.output_token_ids) :] == p.output_token_ids
+            assert p.sampling is seq.sampling or p.sampling == seq.sampling
+            assert p.output_token_ids == seq.output_token_ids  # all of them: their count seeds the RNG
             if p.sampling.repetition_penalty != 1.0:
                 assert p.prompt_token_ids + p.output_token_ids == context
             else:
@@ -116,11 +133,18 @@ def check_step(sched: Scheduler, plans, in_flight_ids: set[int]):
         end = p.start + len(p.token_ids)
         assert seq.in_flight and len(p.token_ids) >= 1
         assert p.token_ids == seq.all_token_ids[p.start : end]
-        assert len(p.block_table) * sched.blocks.block_size >= end
-        assert p.block_table == seq.block_table and p.block_table is not seq.block_table
-        assert (p.sampling is not None) == (end == seq.num_tokens)
-        if p.sampling is not None:
-            assert p.output_token_ids == seq.output_token_ids and p.output_token_ids is not seq.output_token_ids
+        assert len(seq.block_table) * sched.blocks.block_size >= end
+        # What crosses the wire: only the new blocks and outputs once the ranks hold the sequence.
+        assert p.block_table == seq.block_table[len(seq.block_table) - len(p.block_table):]
+        assert p.block_table is not seq.block_table and p.output_token_ids is not seq.output_token_ids
+        if p.continues:
+            assert len(p.block_table) <= -(-len(p.token_ids) // sched.blocks.block_size) + 1
+        else:
+            assert p.block_table == seq.block_table
+        assert p.samples == (end == seq.num_tokens)
+        if p.samples:
+            assert p.output_token_ids == seq.output_token_ids[len(seq.output_token_ids) - len(p.output_token_ids):]
+            assert (p.sampling is None) == p.keeps_sampling
 
 
 class Driver:
@@ -146,13 +170,13 @@ class Driver:
             check_invariants(self.sched)
             if not plans:
                 break
-            check_step(self.sched, plans, {p.seq_id for step in self.pending for p in step})
-            self.pending.append(plans)
+            check_step(self.sched, plans, {p.seq_id for step, _ in self.pending for p in step})
+            self.pending.append((plans, self.sched.pop_forgotten()))
             self.steps.append(plans)
 
     def retire(self):
-        plans = self.pending.popleft()
-        for seq in self.sched.complete(plans, self.model.step(plans)):
+        plans, forget = self.pending.popleft()
+        for seq in self.sched.complete(plans, self.model.step(plans, forget)):
             assert not seq.in_flight
             if len(seq.output_token_ids) == self.max_new[seq.seq_id]:
                 self.outputs[seq.seq_id] = list(seq.output_token_ids)
@@ -249,7 +273,7 @@ def test_first_chunk_shrinks_to_remaining_budget():
     sched.add(Sequence(3, prompt_of(3, 30), GREEDY))
     plans = sched.schedule()
     assert [(p.seq_id, len(p.token_ids)) for p in plans] == [(0, 1), (1, 1), (2, 1), (3, 7)]
-    assert plans[3].start == 0 and plans[3].sampling is None
+    assert plans[3].start == 0 and not plans[3].samples
 
 
 # -- chunked prefill -----------------------------------------------------------------------------------
@@ -262,7 +286,7 @@ def test_chunked_prefill_interleaves_with_decodes():
     d.add(1, prompt_len=20, max_new=2)
     for _ in range(3):
         d.tick()
-    assert [[(p.seq_id, p.start, len(p.token_ids), p.sampling is not None) for p in s] for s in d.steps[1:4]] == [
+    assert [[(p.seq_id, p.start, len(p.token_ids), p.samples) for p in s] for s in d.steps[1:4]] == [
         [(0, 3, 1, True), (1, 0, 7, False)],
         [(0, 4, 1, True), (1, 7, 7, False)],
         [(0, 5, 1, True), (1, 14, 6, True)],  # the last chunk ends the prompt: it samples
@@ -303,15 +327,48 @@ def test_sampling_plan_fields():
     rep = SamplingParams(repetition_penalty=1.3, seed=5)
     sched.add(Sequence(0, [1, 2, 3], rep, rope_variant=1))
     sched.add(Sequence(1, [4, 5], GREEDY))
-    for _ in range(3):
+    first = sched.schedule()  # whole plans: the ranks hold nothing of them yet
+    assert [(p.continues, p.sampling, p.prompt_token_ids, p.block_table) for p in first] == [
+        (False, rep, [1, 2, 3], [0]), (False, GREEDY, [], [1])]
+    sched.complete(first, model.step(first))
+    for _ in range(2):
         plans = sched.schedule()
         sched.complete(plans, model.step(plans))
-    p0, p1 = sched.schedule()
+    p0, p1 = sent = sched.schedule()
     last = sched.running[0].output_token_ids[-1]
-    assert (p0.token_ids, p0.start, p0.rope_variant, p0.sampling) == ([last], 5, 1, rep)
-    assert p0.prompt_token_ids == [1, 2, 3] and len(p0.output_token_ids) == 3  # seeded RNG counter
-    assert p1.prompt_token_ids == [] and p1.output_token_ids == sched.running[1].output_token_ids
+    # Continuing plans: the new token and what is new since the previous plan only.
+    assert (p0.token_ids, p0.start, p0.rope_variant, p0.continues, p0.keeps_sampling) == ([last], 5, 1, True, True)
+    assert (p0.sampling, p0.prompt_token_ids, p0.output_token_ids, p0.block_table) == (None, [], [last], [])
+    assert p1.output_token_ids == [sched.running[1].output_token_ids[-1]] and p1.block_table == [3]  # position 4
+    r0, r1 = model.kept.resolve(copy.deepcopy(sent))  # what the ranks make of them
+    assert (r0.sampling, r0.prompt_token_ids, r0.block_table) == (rep, [1, 2, 3], [0, 2])
+    assert r0.output_token_ids == sched.running[0].output_token_ids and len(r0.output_token_ids) == 3  # RNG counter
+    assert (r1.sampling, r1.prompt_token_ids, r1.block_table) == (GREEDY, [], [1, 3])
+    assert r1.output_token_ids == sched.running[1].output_token_ids
     assert sched.running[0].first_scheduled_time is not None
+    assert sched.pop_forgotten() == []
+
+
+def test_ranks_forget_released_sequences_and_start_them_afresh():
+    sched = Scheduler(BlockManager(16, 4), max_num_seqs=8, max_num_batched_tokens=64, max_waiting=8)
+    model = FakeModel(sched)
+    for i in range(3):
+        sched.add(Sequence(i, prompt_of(i, 5), SamplingParams(repetition_penalty=1.1)))
+    for _ in range(2):
+        plans = sched.schedule()
+        sched.complete(plans, model.step(plans, sched.pop_forgotten()))
+    assert len(model.kept) == 3
+    sched.finish(1)
+    sched._preempt(sched.running[-1])  # seq 2: recomputed later, from a whole plan
+    assert sched.pop_forgotten() == [1, 2] and sched.pop_forgotten() == []
+    model.kept.resolve([], [1, 2])
+    assert len(model.kept) == 1
+    plans = sched.schedule()
+    assert [(p.seq_id, p.continues, len(p.prompt_token_ids), len(p.output_token_ids)) for p in plans] == [
+        (0, True, 0, 1), (2, False, 5, 2)]  # seq 2 recomputes its prompt and first output, then samples
+    sched.complete(plans, model.step(plans, []))  # the fake model checks the resolved plans against the router's
+    with pytest.raises(ValueError, match="sequence 7: a continuing plan"):
+        model.kept.resolve([dataclasses.replace(plans[0], seq_id=7)])
 
 
 # -- preemption ----------------------------------------------------------------------------------------
@@ -430,6 +487,7 @@ def test_requeue_all_recomputes_everything():
     running = [s.seq_id for s in d.sched.running]
     d.sched.requeue_all()  # the engine died: its steps in flight are lost
     d.pending.clear()
+    d.model.rebuild()
     assert d.sched.num_running == 0 and d.sched.blocks.num_free == 40
     assert [s.seq_id for s in d.sched.waiting][: len(running)] == running  # in front, in arrival order
     assert all(s.num_computed_tokens == 0 and not s.in_flight for s in d.sched.waiting)
@@ -444,6 +502,7 @@ def test_stale_results_after_requeue_are_ignored():
     stale = sched.schedule()
     stale_results = model.step(stale)
     sched.requeue_all()
+    model.rebuild()
     fresh = sched.schedule()
     assert sched.complete(stale, stale_results) == []  # from before the failure: dropped
     assert sched.running[0].in_flight and sched.running[0].output_token_ids == []
@@ -520,6 +579,7 @@ def test_randomized_invariants_and_exact_tokens(sc):
             d.fill()
             d.sched.requeue_all()
             d.pending.clear()
+            d.model.rebuild()
             check_invariants(d.sched)
         if tick > 15 and not d.sched.has_work and not d.pending:
             break
@@ -614,5 +674,6 @@ def test_cached_blocks_are_evicted_least_recently_freed_first_and_forgotten_afte
     d.fill()
     d.sched.requeue_all()  # an engine failure: the rebuilt engine's memory holds nothing
     d.pending.clear()
+    d.model.rebuild()
     d.steps.clear()
     assert d.run()[5] == expected_output(b, 1) and first_plan(d, 5).start == 0
