@@ -269,10 +269,11 @@ class Runner:
         in_flight.pop(0)
         began = time.perf_counter()
         self._outbox = []
+        rows = {r["seq_id"]: r for r in results}
         for seq in self.scheduler.complete(plans, results):
             request = self.requests.get(seq.seq_id)
             if request is not None:
-                self._on_token(request, seq, results)
+                self._on_token(request, seq, rows)
         self._failures_in_row = 0  # a step went through whole
         self.metrics.step_phase.labels("detokenize").observe(time.perf_counter() - began)
         self.metrics.step_phase.labels("sample").observe(self.engine.last_sample_seconds)
@@ -375,7 +376,7 @@ class Runner:
             self.metrics.failed.labels("unavailable", request.api).inc()
             self._end(request, Event(error=EngineUnavailable(f"the engine failed: {error}")))
 
-    def _on_token(self, request: Request, seq: Sequence, results: list[dict]) -> None:
+    def _on_token(self, request: Request, seq: Sequence, rows: dict[int, dict]) -> None:
         asked_prompt_logprobs = seq.sampling.prompt_logprobs is not None
         if not seq.samples:  # only the prompt's logprobs or pooled outputs were asked: done once it is computed
             spec = request.valid.pooling
@@ -386,7 +387,7 @@ class Runner:
                                      finish_reason="length"))
             return
         token = seq.output_token_ids[-1]
-        row = next(r for r in results if r["seq_id"] == seq.seq_id)
+        row = rows[seq.seq_id]
         now = time.monotonic()
         if request.first_token_time is None:
             request.first_token_time = now

@@ -89,7 +89,8 @@ MESSAGE = st.fixed_dictionaries(
 PLAUSIBLE = {
     "model": st.sampled_from(["test", "other", ""]),
     "prompt": TEXT | st.lists(TEXT, max_size=3) | TOKEN_IDS | st.lists(TOKEN_IDS, max_size=3),
-    "messages": st.lists(MESSAGE, max_size=4),
+    "messages": st.lists(MESSAGE, max_size=4) | st.lists(st.fixed_dictionaries(  # a valid turn, to get past it
+        {"role": st.sampled_from(["system", "user", "assistant"]), "content": TEXT}), min_size=1, max_size=3),
     "stop": TEXT | st.lists(TEXT, max_size=20),
     "stop_token_ids": TOKEN_IDS,
     "logit_bias": st.dictionaries(st.sampled_from(["0", "42", str(VOCAB), "-1", "x", "1e3"]) | st.integers(
@@ -129,7 +130,7 @@ def bodies(model) -> st.SearchStrategy:
         out = {}
         if draw(st.integers(0, 4)):
             out[base] = draw(PLAUSIBLE[base] if draw(st.integers(0, 3)) else ANY_JSON)
-        for name in draw(st.lists(st.sampled_from(others), max_size=draw(st.sampled_from([2, 5, len(others)])),
+        for name in draw(st.lists(st.sampled_from(others), max_size=draw(st.sampled_from([1, 2, 5, len(others)])),
                                   unique=True)):
             out[name] = draw(fields[name])
         return out
