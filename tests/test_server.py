@@ -206,10 +206,12 @@ def test_full_queue_is_refused_at_once(model_dir):
         with grpc.insecure_channel(server.target) as channel:
             stub = pb_grpc.GenerationStub(channel)
             request = pb.GenerateRequest(text="hold", parameters=params(max_new_tokens=300, ignore_eos=True))
-            held = [stub.GenerateStream(request) for _ in range(2)]  # one running, one waiting
+            grpc.channel_ready_future(channel).result(timeout=30)
+            held = [stub.GenerateStream(request, wait_for_ready=True) for _ in range(2)]  # one running, one waiting
             deadline = time.monotonic() + 30
             while len(server.runner.requests) < 2 and time.monotonic() < deadline:
                 time.sleep(0.02)
+            assert len(server.runner.requests) == 2, [h.done() and (h.code(), h.details()) for h in held]
             codes = []
             for _ in range(3):
                 try:
