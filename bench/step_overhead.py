@@ -22,7 +22,7 @@ from shards.batch import SeqPlan
 from shards.checkpoint import preset_config, write_random_checkpoint
 from shards.sampling import SamplingParams
 
-LAYOUTS = [(1, 1, True), (2, 1, True), (2, 1, False), (2, 2, True), (2, 2, False)]
+LAYOUTS = [(1, 1, True), (1, 1, False), (2, 1, True), (2, 1, False), (2, 2, True), (2, 2, False)]
 
 
 async def measure(model_dir, tp, pp, compiled, steps, batch):
@@ -41,7 +41,7 @@ async def measure(model_dir, tp, pp, compiled, steps, batch):
             walls.append(time.perf_counter() - began)
             inside.append(engine.last_rank_seconds[engine.driver])
         return {
-            "tp": tp, "pp": pp, "mechanism": "compiled graph" if compiled else "remote calls",
+            "tp": tp, "pp": pp, "mechanism": "compiled graph" if compiled else "step channel",
             "startup_s": round(engine.startup_s, 2),
             "step_ms_p50": round(statistics.median(walls) * 1e3, 3),
             "driver_step_ms_p50": round(statistics.median(inside) * 1e3, 3),

@@ -9,6 +9,7 @@ import time
 import ray
 import torch
 
+from cluster.channel import rank_loop
 from shards.parallel import init_distributed, init_groups
 from shards.worker import ShardWorker
 
@@ -30,8 +31,10 @@ def keep_freed_memory() -> None:
     libc.mallopt(m_trim_threshold, 2**31 - 1)
 
 
-PROBE_GROUP = "probe"  # a Ray concurrency group of its own for the liveness probe (options: CONCURRENCY_GROUPS)
-CONCURRENCY_GROUPS = {PROBE_GROUP: 1}
+# Ray concurrency groups (options: CONCURRENCY_GROUPS), each its own thread: the liveness probe, and the step
+# loop (cluster/channel.py), which runs as long as the engine.
+PROBE_GROUP, STEP_GROUP = "probe", "steps"
+CONCURRENCY_GROUPS = {PROBE_GROUP: 1, STEP_GROUP: 1}
 
 
 class ShardActor:
@@ -81,6 +84,11 @@ class ShardActor:
         began = time.perf_counter()
         results = self.worker.execute(seqs, forget)
         return results, time.perf_counter() - began, self.worker.last_sample_s
+
+    @ray.method(concurrency_group=STEP_GROUP)
+    def serve_steps(self, address: tuple[str, int], token: str) -> None:
+        """Run steps from the router's step channel until it closes (cluster/channel.py)."""
+        rank_loop(address, token, self.rank, self.execute)
 
     def shutdown(self) -> None:
         import torch.distributed as dist

@@ -2,9 +2,10 @@
 
 `start()` places one Ray actor per rank, joins them into a torch.distributed world, loads the checkpoint
 and sizes the KV cache; `step(plan)` runs one step on every rank and returns what the driver rank (TP
-rank 0 of the last stage) sampled. Every rank receives the plan straight from here through a Ray Compiled
-Graph (shared-memory channels, no task submission per step); plain remote calls are the fallback.
-Several steps may be in flight at once: with pipeline parallelism that is what keeps the stages busy.
+rank 0 of the last stage) sampled. Every rank receives the plan straight from here: through the step channel
+(a TCP connection per rank to a loop on it, cluster/channel.py), or a Ray Compiled Graph (shared-memory
+channels that poll; the default on GPU). Several steps may be in flight at once: with pipeline parallelism
+that is what keeps the stages busy.
 """
 
 import asyncio
@@ -18,6 +19,7 @@ from ray.dag import InputNode, MultiOutputNode
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.actor import CONCURRENCY_GROUPS, ShardActor
+from cluster.channel import StepChannel
 from cluster.placement import place_stages, release
 from shards.batch import SeqPlan
 from shards.config import Qwen2Config
@@ -59,8 +61,8 @@ class EngineConfig:
     # How long a liveness probe waits for every rank. During a step an unanswered probe only warns: a rank is
     # declared dead when its actor is, or when the step passes step_timeout_s.
     probe_timeout_s: float = 30.0
-    # Ray compiled graph for the step (channels instead of actor calls); None: on GPU only. On CPU its
-    # channel polling keeps a core busy that the ranks need (offline on 2 cores: 125 -> 145 tokens/s without).
+    # Ray compiled graph for the step instead of the step channel; None: on GPU only. On CPU its channel
+    # polling keeps a core busy that the ranks need (offline on 2 cores: 125 -> 145 tokens/s without).
     compiled_graph: bool | None = None
     max_inflight_steps: int | None = None  # default: max(2, pipeline_parallel_size)
 
@@ -72,7 +74,7 @@ class Engine:
         self.model.check_layout(config.tensor_parallel_size, config.pipeline_parallel_size)
         # Checked here, before any rank starts: a bad --quantization is a clear error at once.
         self.quant = QuantConfig.resolve(self.model.raw, config.quantization, config.quant_double)
-        self.actors, self.placement, self.dag = [], [], None
+        self.actors, self.placement, self.dag, self.channel = [], [], None, None
         self.num_kv_blocks = 0
         self.healthy = False
         self.started_ray = False
@@ -160,6 +162,8 @@ class Engine:
                 self.dag = graph.experimental_compile(
                     enable_asyncio=True, _max_inflight_executions=c.max_inflight_steps or max(2, pp)
                 )
+            else:
+                await self._open_channel()
         except BaseException:
             await self.shutdown()
             raise
@@ -167,6 +171,21 @@ class Engine:
         self.startup_s = time.perf_counter() - began
         log.info("engine up in %.1fs: tp=%d pp=%d, %d KV blocks of %d tokens", self.startup_s, tp, pp,
                  self.num_kv_blocks, c.block_size)
+
+    async def _open_channel(self) -> None:
+        """Every rank's step loop, connected. The router listens on loopback when the ranks meet there, else on
+        this node's address (the ranks may be on other nodes)."""
+        host = self.config.rendezvous_host
+        host = host if host in ("127.0.0.1", "localhost", "::1") else ray.util.get_node_ip_address()
+        self.channel = StepChannel(len(self.actors))
+        address = await self.channel.open(host)
+        for actor in self.actors:  # each runs until the channel closes
+            actor.serve_steps.remote(address, self.channel.token)
+        try:
+            await self.channel.connected(self.config.placement_timeout_s)
+        except asyncio.TimeoutError:
+            raise EngineError(f"ranks did not connect to the step channel at {address[0]}:{address[1]} within "
+                              f"{self.config.placement_timeout_s:g}s") from None
 
     def _blocks_for(self, info: dict) -> int:
         c = self.config
@@ -185,6 +204,9 @@ class Engine:
         failed, self.healthy = not self.healthy, False
         if failed:  # a survivor may be stuck in a collective with the dead rank, and teardown would wait on it
             self._kill_actors()
+        if self.channel is not None:
+            await self.channel.close()
+            self.channel = None
         if self.dag is not None:
             # After a failure a dead rank makes Ray log the teardown's tracebacks; the error was already raised.
             dag_log = logging.getLogger("ray.dag.compiled_dag_node")
@@ -248,7 +270,7 @@ class Engine:
                 if self.dag is not None:
                     pending = await self.dag.execute_async(seqs, forget)
                 else:
-                    pending = [a.execute.remote(seqs, forget) for a in self.actors]
+                    pending = self.channel.submit((seqs, forget))
             results = await asyncio.wait_for(self._gather_probing(pending), self.config.step_timeout_s)
         except asyncio.TimeoutError:
             self.healthy = False

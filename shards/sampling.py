@@ -142,17 +142,18 @@ def _additions(params: list[SamplingParams], output_token_ids: list[list[int]], 
             torch.tensor(values, dtype=torch.float32, device=device))
 
 
-def _allowed(token_masks: list[bytes | None] | None, vocab_size: int, device):
-    """(rows, [R, V] bool) of the rows that carry a packed token bitmask; None when none does."""
+def _banned(token_masks: list[bytes | None] | None, vocab_size: int, device):
+    """(rows, [R, V] bool: the tokens each may not take) of the rows that carry a packed token bitmask; None when
+    none does. Unpacked byte by byte (bit k of byte b allows id 8b + k, the same as the little-endian words)."""
     rows = [i for i, m in enumerate(token_masks or ()) if m is not None]
     if not rows:
         return None
-    words = torch.stack([torch.frombuffer(bytearray(token_masks[i]), dtype=torch.int32) for i in rows]).to(device)
-    bits = (words[:, :, None] >> torch.arange(32, dtype=torch.int32, device=device)) & 1
-    allowed = bits.flatten(1)[:, :vocab_size].bool()
-    if allowed.shape[1] < vocab_size:  # ids past the mask (padding rows of the LM head) are never allowed
-        allowed = torch.nn.functional.pad(allowed, (0, vocab_size - allowed.shape[1]))
-    return torch.tensor(rows, device=device), allowed
+    packed = torch.frombuffer(bytearray(b"".join(token_masks[i] for i in rows)), dtype=torch.uint8).to(device)
+    bits = (packed.view(len(rows), -1, 1) >> torch.arange(8, dtype=torch.uint8, device=device)) & 1
+    banned = bits.view(len(rows), -1)[:, :vocab_size] == 0
+    if banned.shape[1] < vocab_size:  # ids past the mask (padding rows of the LM head) are never allowed
+        banned = torch.nn.functional.pad(banned, (0, vocab_size - banned.shape[1]), value=True)
+    return rows, banned
 
 
 @dataclass
@@ -175,7 +176,7 @@ class SamplingTensors:
     # None when no row has either (those rows cost nothing).
     additions: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
     # (rows, [R, V] bool) of the structured-output rows: tokens outside their grammar are -inf, greedy too.
-    allowed: tuple[torch.Tensor, torch.Tensor] | None
+    banned: tuple[list[int], torch.Tensor] | None
     # (rows, ids) of each repetition-penalised row's distinct prompt and output tokens; None when none.
     seen: tuple[torch.Tensor, torch.Tensor] | None
     # (rows, ids, counts) of each presence/frequency-penalised row's output tokens; None when none.
@@ -213,7 +214,7 @@ class SamplingTensors:
             temperature=tensor([1.0 if g else p.temperature for g, p in zip(greedy, params)]),
             greedy=tensor(greedy, torch.bool),
             additions=_additions(params, output_token_ids, device),
-            allowed=_allowed(token_masks, vocab_size, device),
+            banned=_banned(token_masks, vocab_size, device),
             top_k=tensor(top_k, torch.long),
             top_p=tensor(top_p),
             min_p=tensor(min_p),
@@ -300,17 +301,17 @@ def _adjust_(x: torch.Tensor, t: SamplingTensors):
     Returns a function that puts x back as it was (None when nothing applied), so the raw logits the logprobs
     describe need no [B, V] copy."""
     entries = [e for e in (t.additions, t.seen, t.output_counts) if e is not None]
-    if not entries and t.allowed is None:
+    if not entries and t.banned is None:
         return None
     touched = (torch.cat([e[0] for e in entries]), torch.cat([e[1] for e in entries])) if entries else None
     saved = x[touched] if touched else None
-    saved_rows = x[t.allowed[0]] if t.allowed is not None else None
+    saved_rows = [x[row].clone() for row in t.banned[0]] if t.banned is not None else None
     if t.additions is not None:
         rows, ids, values = t.additions
         x.index_put_((rows, ids), values, accumulate=True)
-    if t.allowed is not None:
-        rows, allowed = t.allowed
-        x[rows] = x[rows].masked_fill(~allowed, float("-inf"))
+    if t.banned is not None:  # row by row in place: no [R, V] gather and scatter
+        for row, banned in zip(*t.banned):
+            x[row].masked_fill_(banned, float("-inf"))
     if t.seen is not None:
         rows, ids = t.seen  # distinct per row, so each entry is penalised once
         values, penalty = x[rows, ids], t.repetition_penalty[rows]
@@ -322,7 +323,8 @@ def _adjust_(x: torch.Tensor, t: SamplingTensors):
 
     def undo():
         if saved_rows is not None:
-            x[t.allowed[0]] = saved_rows
+            for row, values in zip(t.banned[0], saved_rows):
+                x[row].copy_(values)
         if touched:
             x[touched] = saved
 

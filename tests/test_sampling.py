@@ -362,7 +362,7 @@ def test_token_mask_bounds_greedy_and_sampled_rows_only():
 
 def test_no_token_masks_build_no_tensor():
     t = SamplingTensors.build([SamplingParams()], [[]], [[]], 10, "cpu", [None])
-    assert t.allowed is None
+    assert t.banned is None
 
 
 def _whole_vocabulary_draw(logits, params, prompts, outputs):
