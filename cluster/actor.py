@@ -43,7 +43,8 @@ class ShardActor:
     def __init__(self, rank: int, tp: int, pp: int, device: str, threads: int):
         self.rank, self.tp, self.pp = rank, tp, pp
         self.device = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")  # Ray sets the GPU
-        torch.set_num_threads(max(1, threads))
+        self.threads = max(1, threads)
+        torch.set_num_threads(self.threads)
         if self.device.type == "cpu":
             keep_freed_memory()
         self.worker = None
@@ -88,6 +89,7 @@ class ShardActor:
     @ray.method(concurrency_group=STEP_GROUP)
     def serve_steps(self, address: tuple[str, int], token: str) -> None:
         """Run steps from the router's step channel until it closes (cluster/channel.py)."""
+        torch.set_num_threads(self.threads)  # per thread: this one would start with OpenMP's default
         rank_loop(address, token, self.rank, self.execute)
 
     def shutdown(self) -> None:

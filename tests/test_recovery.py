@@ -247,10 +247,20 @@ def test_a_slow_step_is_not_taken_for_a_dead_rank(undisturbed):
     before, probe_timeout = restarts(server), engine.config.probe_timeout_s
     engine.config.probe_timeout_s = 0.3
     try:
+        def stall_next_step(actor) -> None:  # on the rank: its next step sleeps 3 s first
+            execute = actor.worker.execute
+
+            def slow(*args):
+                del actor.worker.execute  # once
+                time.sleep(3)
+                return execute(*args)
+
+            actor.worker.execute = slow
+
         def stall_a_rank(streams: Streams) -> None:
             if not hasattr(stall_a_rank, "at") and all(len(t) >= KILL_AFTER for t in streams.tokens):
-                stall_a_rank.at = time.monotonic()  # the rank's next step waits behind 3 s of other work
-                engine.actors[1].__ray_call__.remote(lambda actor: time.sleep(3))
+                stall_a_rank.at = time.monotonic()
+                engine.actors[1].__ray_call__.remote(stall_next_step)
 
         streams = Streams(server.target).run(stall_a_rank)
     finally:
