@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from shards.sampling import SamplingParams
+from shards.sampling import SamplingParams, SeenTokens
 
 
 @dataclass
@@ -62,6 +62,9 @@ class _Kept:
     sampling: SamplingParams | None
     prompt_token_ids: list[int]
     output_token_ids: list[int]
+    # With a repetition penalty, on the rank that samples: the distinct tokens so far, made from the whole context
+    # when first asked (KeptSequences.seen), then grown by each step's outputs.
+    seen: SeenTokens | None = None
 
 
 class KeptSequences:
@@ -75,6 +78,15 @@ class KeptSequences:
 
     def __len__(self) -> int:
         return len(self._seqs)
+
+    def seen(self, seq_id: int) -> SeenTokens | None:
+        """The distinct tokens a repetition-penalised sequence has seen so far (None: no penalty, or unknown)."""
+        kept = self._seqs.get(seq_id)
+        if kept is None or kept.sampling is None or kept.sampling.repetition_penalty == 1.0:
+            return None
+        if kept.seen is None:
+            kept.seen = SeenTokens(kept.prompt_token_ids + kept.output_token_ids)
+        return kept.seen
 
     def resolve(self, plans: list[SeqPlan], forget=()) -> list[SeqPlan]:
         """The plans made whole (continuing ones completed in place), after forgetting `forget`'s ids."""
@@ -91,8 +103,10 @@ class KeptSequences:
             kept.block_table += plan.block_table
             kept.output_token_ids += plan.output_token_ids
             if plan.sampling is not None:
-                kept.sampling, kept.prompt_token_ids = plan.sampling, plan.prompt_token_ids
-            elif plan.keeps_sampling:
+                kept.sampling, kept.prompt_token_ids, kept.seen = plan.sampling, plan.prompt_token_ids, None
+            elif kept.seen is not None:
+                kept.seen.add(plan.output_token_ids)
+            if plan.keeps_sampling:
                 if kept.sampling is None:
                     raise ValueError(f"sequence {plan.seq_id}: keeps sampling parameters it was never sent")
                 plan.sampling = kept.sampling

@@ -13,6 +13,7 @@ import torch
 _M32 = 0xFFFFFFFF
 # Temperatures this small are argmax in all but name, and dividing logits by them overflows to inf/NaN.
 GREEDY_BELOW = 1e-5
+_NO_TOKENS = torch.empty(0, dtype=torch.long)
 
 
 @dataclass(frozen=True)
@@ -114,17 +115,51 @@ def _argmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return cols.gather(1, within[:, None]).squeeze(1), maxima.amax(dim=-1)
 
 
-def _penalised_entries(rows: list[list[int]], vocab_size: int, device, counts: bool):
-    """(rows, token ids[, counts]) of every distinct token of each row: the few entries a penalty touches,
-    instead of a [B, V] matrix. None when no row has any."""
+class SeenTokens:
+    """The distinct tokens of a sequence's prompt and outputs so far: what its repetition penalty touches. A rank
+    keeps one per sequence (shards/batch.py KeptSequences) and adds each step's new outputs, instead of
+    deduplicating the whole context every step."""
+
+    def __init__(self, tokens=()):
+        self._set: set[int] = set()
+        self._ids = torch.empty(0, dtype=torch.long)
+        self._new: list[int] = []
+        self.add(tokens)
+
+    def add(self, tokens) -> None:
+        for token in tokens:
+            if token not in self._set:
+                self._set.add(token)
+                self._new.append(token)
+
+    @property
+    def ids(self) -> torch.Tensor:
+        """[N] int64 on the CPU, in first-seen order."""
+        if self._new:
+            self._ids = torch.cat([self._ids, torch.tensor(self._new, dtype=torch.long)])
+            self._new = []
+        return self._ids
+
+
+def _seen_entries(ids: list[torch.Tensor], device):
+    """(rows, token ids) of every row's distinct seen tokens; None when no row has any."""
+    lengths = [len(t) for t in ids]
+    if not any(lengths):
+        return None
+    rows = torch.repeat_interleave(torch.arange(len(ids)), torch.tensor(lengths))
+    return rows.to(device), torch.cat(ids).to(device)
+
+
+def _output_counts(rows: list[list[int]], vocab_size: int, device):
+    """(rows, token ids, counts) of every distinct output token of each row: the few entries the presence and
+    frequency penalties touch, instead of a [B, V] matrix. None when no row has any."""
     lengths = [len(tokens) for tokens in rows]
     if not any(lengths):
         return None
     flat = torch.tensor([t for tokens in rows for t in tokens], dtype=torch.long, device=device)
     row_of = torch.repeat_interleave(torch.arange(len(rows), device=device), torch.tensor(lengths, device=device))
     keys, n = torch.unique(row_of * vocab_size + flat, return_counts=True)
-    out = (keys // vocab_size, keys % vocab_size)
-    return out + (n.float(),) if counts else out
+    return keys // vocab_size, keys % vocab_size, n.float()
 
 
 def _additions(params: list[SamplingParams], output_token_ids: list[list[int]], device):
@@ -193,6 +228,7 @@ class SamplingTensors:
         vocab_size: int,
         device,
         token_masks: list[bytes | None] | None = None,
+        seen: list[SeenTokens | None] | None = None,
     ) -> "SamplingTensors":
         def tensor(values, dtype=torch.float32):
             return torch.tensor(values, dtype=dtype, device=device)
@@ -200,13 +236,16 @@ class SamplingTensors:
         greedy = [p.temperature < GREEDY_BELOW for p in params]
         rep = [p.repetition_penalty != 1.0 for p in params]
         pres_freq = [p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params]
-        seen = output_counts = None
-        if any(rep):  # rows without the penalty contribute no tokens
-            rows = [prompt + out if r else [] for r, prompt, out in zip(rep, prompt_token_ids, output_token_ids)]
-            seen = _penalised_entries(rows, vocab_size, device, counts=False)
+        output_counts = None
+        if any(rep):  # rows without the penalty contribute no tokens; a row's kept SeenTokens, else its lists
+            kept = seen or [None] * len(params)
+            seen = _seen_entries([_NO_TOKENS if not r else k.ids if k is not None else SeenTokens(prompt + out).ids
+                                  for r, k, prompt, out in zip(rep, kept, prompt_token_ids, output_token_ids)], device)
+        else:
+            seen = None
         if any(pres_freq):
             rows = [out if pf else [] for pf, out in zip(pres_freq, output_token_ids)]
-            output_counts = _penalised_entries(rows, vocab_size, device, counts=True)
+            output_counts = _output_counts(rows, vocab_size, device)
         top_k = [vocab_size if g or p.top_k <= 0 else min(p.top_k, vocab_size) for g, p in zip(greedy, params)]
         top_p = [1.0 if g else p.top_p for g, p in zip(greedy, params)]
         min_p = [0.0 if g else p.min_p for g, p in zip(greedy, params)]
@@ -438,6 +477,7 @@ def sample(
     prompt_token_ids: list[list[int]],
     output_token_ids: list[list[int]],
     token_masks: list[bytes | None] | None = None,
+    seen: list[SeenTokens | None] | None = None,
 ) -> TokenLogprobs:
     """Pick one token per row of logits [B, V] (float32, or bf16/fp16, computed in float32).
 
@@ -448,10 +488,11 @@ def sample(
     Returned logprobs (chosen token and top-N) are log_softmax of the RAW logits, before logit_bias, the
     min_tokens mask, the token mask, penalties, temperature and truncation (vLLM's default "raw_logprobs"):
     they describe the model, not the sampling knobs. `token_masks`: per row, a packed bitmask of the tokens
-    it may take (structured outputs), or None.
+    it may take (structured outputs), or None. `seen`: per row, its kept SeenTokens (prompt and outputs), or None
+    to take them from the lists.
     """
     t = SamplingTensors.build(params, prompt_token_ids, output_token_ids, logits.shape[1], logits.device,
-                              token_masks)
+                              token_masks, seen)
     x = logits.float()  # adjusted in place (a bf16 input is copied here): the caller's logits are restored below
     x = x if x.is_contiguous() else x.contiguous()  # an expanded input's rows share memory
     undo = _adjust_(x, t)

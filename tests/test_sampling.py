@@ -12,7 +12,7 @@ from transformers.generation.logits_process import (
 )
 
 from shards import sampling
-from shards.sampling import SamplingParams, SamplingTensors, process_logits, sample
+from shards.sampling import SamplingParams, SamplingTensors, SeenTokens, process_logits, sample
 
 V = 64
 
@@ -419,3 +419,25 @@ def test_argmax_and_logsumexp_by_chunks_equal_torchs():
         expected_values, _ = x[[0, 2, 4]].topk(k, dim=-1)
         assert torch.equal(values, expected_values)
         assert torch.equal(x[[0, 2, 4]].gather(1, ids), values)  # the ids are those values' columns
+
+
+def test_kept_seen_tokens_penalise_as_the_lists_do():
+    """A rank's SeenTokens, grown step by step, give the tokens and logprobs the prompt and output lists give."""
+    gen = torch.Generator().manual_seed(3)
+    vocab, steps = 500, 6
+    params = [SamplingParams(temperature=0.0, repetition_penalty=1.3), SamplingParams(temperature=0.8, seed=4,
+              repetition_penalty=0.7, frequency_penalty=0.5), SamplingParams(temperature=0.0)]
+    prompts = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in (40, 7, 12)]
+    outputs = [[], [], []]
+    seen = [SeenTokens(prompts[0]), SeenTokens(prompts[1]), None]
+    for _ in range(steps):
+        logits = torch.randn(3, vocab, generator=gen)
+        kept = sample(logits, params, prompts, outputs, None, seen)
+        lists = sample(logits, params, prompts, outputs)
+        assert kept.token_ids.tolist() == lists.token_ids.tolist()
+        assert torch.equal(kept.logprobs, lists.logprobs)
+        for row, token in enumerate(kept.token_ids.tolist()):
+            outputs[row].append(token)
+            if seen[row] is not None:
+                seen[row].add([token])
+    assert sorted(seen[0].ids.tolist()) == sorted(set(prompts[0] + outputs[0]))

@@ -331,9 +331,13 @@ def test_sampling_plan_fields():
     assert [(p.continues, p.sampling, p.prompt_token_ids, p.block_table) for p in first] == [
         (False, rep, [1, 2, 3], [0]), (False, GREEDY, [], [1])]
     sched.complete(first, model.step(first))
+    seen = model.kept.seen(0)  # made from the context when first asked, then grown by each step's outputs
+    assert set(seen.ids.tolist()) == {1, 2, 3} and model.kept.seen(1) is None  # seq 1 has no penalty
     for _ in range(2):
         plans = sched.schedule()
         sched.complete(plans, model.step(plans))
+    # All but the newest output, which reaches the ranks with the next plan.
+    assert model.kept.seen(0) is seen and seen.ids.tolist() == list(dict.fromkeys(sched.running[0].all_token_ids[:-1]))
     p0, p1 = sent = sched.schedule()
     last = sched.running[0].output_token_ids[-1]
     # Continuing plans: the new token and what is new since the previous plan only.
