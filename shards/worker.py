@@ -21,6 +21,17 @@ from shards.sampling import TokenLogprobs, sample
 PROMPT_LOGPROB_ROWS = 256  # 256 rows of a 152K vocabulary: 156 MB of float32 logits
 
 
+@torch.no_grad()
+def fill_random(model: torch.nn.Module, std: float = 0.02) -> int:
+    """Random weights in place (norm weights 1, the rest normal(0, std)); returns the bytes filled."""
+    total = 0
+    for name, param in model.named_parameters():
+        if param.dtype.is_floating_point:
+            param.fill_(1.0) if name.endswith("norm.weight") else param.normal_(0.0, std)
+        total += param.numel() * param.element_size()
+    return total
+
+
 class ShardWorker:
     def __init__(
         self,
@@ -34,8 +45,11 @@ class ShardWorker:
         progress=None,
         quantization: str | None = None,
         quant_double: bool = False,
+        config: Qwen2Config | None = None,
     ):
-        config = Qwen2Config.from_pretrained(model_dir)
+        """`model_dir` None: no checkpoint, random weights (normal, std 0.02; norms 1) made on the device for
+        `config`, which is how the GPU benchmark builds a 7B-shaped model without one on disk."""
+        config = config if model_dir is None else Qwen2Config.from_pretrained(model_dir)
         if dtype is not None:
             config = dataclasses.replace(config, dtype=DTYPES[dtype])
         config.check_layout(groups.tp_size, groups.pp_size)
@@ -45,7 +59,10 @@ class ShardWorker:
         self.quant = QuantConfig.resolve(config.raw, quantization, quant_double)
         with self.device:
             self.model = Qwen2Stage(config, groups, attention_backend, self.quant)
-        self.bytes_loaded = load_weights(self.model.checkpoint_targets(), model_dir, progress)
+        if model_dir is None:
+            self.bytes_loaded = fill_random(self.model)
+        else:
+            self.bytes_loaded = load_weights(self.model.checkpoint_targets(), model_dir, progress)
         self.kv_cache = None
         self.kept = KeptSequences()  # what earlier plans sent, for the continuing ones
         self.last_sample_s = 0.0  # seconds the driver spent sampling in its last step
