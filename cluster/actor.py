@@ -4,7 +4,6 @@ import ctypes
 import os
 import socket
 import sys
-import time
 
 import ray
 import torch
@@ -62,29 +61,28 @@ class ShardActor:
             s.bind((host, 0))
             return f"tcp://{host}:{s.getsockname()[1]}"
 
-    def load(self, init_method: str, model_dir: str, dtype: str | None, block_size: int, dist_timeout_s: float,
-             attention_backend: str | None = None, quantization: str | None = None, quant_double: bool = False):
-        """Join the torch.distributed world, build the TP groups, load this rank's weights.
+    def load(self, init_method: str, dist_timeout_s: float, worker_args: dict, max_step: tuple[int, int]):
+        """Join the torch.distributed world, build the TP groups, load this rank's weights (`worker_args`:
+        ShardWorker's keyword arguments), and on a GPU measure what the largest step needs beside them
+        (`max_step`: the scheduler's tokens and sequences per step at most).
 
-        Returns the KV block size in bytes, and the device's free and total bytes on a GPU."""
+        Returns the KV block size in bytes, and on a GPU the device's free and total bytes and that step's."""
         init_distributed(self.rank, self.tp * self.pp, init_method, self.device, dist_timeout_s)
         groups = init_groups(self.tp, self.pp)
-        self.worker = ShardWorker(model_dir, groups, block_size=block_size, device=self.device, dtype=dtype,
-                                  attention_backend=attention_backend, quantization=quantization,
-                                  quant_double=quant_double)
+        self.worker = ShardWorker(groups=groups, device=self.device, **worker_args)
+        step_bytes = self.worker.measure_step_memory(*max_step)
         free, total = torch.cuda.mem_get_info(self.device) if self.device.type == "cuda" else (None, None)
         return {"kv_block_bytes": self.worker.kv_block_bytes, "free_bytes": free, "total_bytes": total,
-                "weight_bytes": self.worker.bytes_loaded, "pid": os.getpid()}
+                "step_bytes": step_bytes, "weight_bytes": self.worker.bytes_loaded, "pid": os.getpid()}
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.worker.allocate_kv_cache(num_blocks)
 
     def execute(self, seqs, forget=()):
         """This rank's step: (sampled results on the driver rank else None, seconds spent in it, of which
-        sampling). `forget`: sequences whose kept plans end first (ShardWorker.execute)."""
-        began = time.perf_counter()
+        sampling; device time on a GPU). `forget`: sequences whose kept plans end first (ShardWorker.execute)."""
         results = self.worker.execute(seqs, forget)
-        return results, time.perf_counter() - began, self.worker.last_sample_s
+        return results, self.worker.last_step_s, self.worker.last_sample_s
 
     @ray.method(concurrency_group=STEP_GROUP)
     def serve_steps(self, address: tuple[str, int], token: str) -> None:

@@ -65,6 +65,11 @@ class EngineConfig:
     # polling keeps a core busy that the ranks need (offline on 2 cores: 125 -> 145 tokens/s without).
     compiled_graph: bool | None = None
     max_inflight_steps: int | None = None  # default: max(2, pipeline_parallel_size)
+    # Decode steps replay CUDA graphs captured per padded batch size up to max_num_seqs; None: on GPU (needs it).
+    cuda_graphs: bool | None = None
+    # The scheduler's limits per step: the graphs' largest batch, and the step whose memory the GPU cache leaves.
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
 
 
 class Engine:
@@ -72,6 +77,8 @@ class Engine:
         self.config = config
         self.model = Qwen2Config.from_pretrained(config.model_dir)
         self.model.check_layout(config.tensor_parallel_size, config.pipeline_parallel_size)
+        if config.cuda_graphs and config.device != "cuda":
+            raise ValueError("CUDA graphs need --device cuda (use --no-cuda-graphs)")
         # Checked here, before any rank starts: a bad --quantization is a clear error at once.
         self.quant = QuantConfig.resolve(self.model.raw, config.quantization, config.quant_double)
         self.actors, self.placement, self.dag, self.channel = [], [], None, None
@@ -147,11 +154,13 @@ class Engine:
                     scheduling_strategy=strategy, runtime_env={"env_vars": env} if env else None,
                 ).remote(rank, tp, pp, c.device, int(c.cpus_per_rank)))
             init_method = await self.actors[0].rendezvous_address.remote(c.rendezvous_host)
-            loaded = await asyncio.gather(*(
-                a.load.remote(init_method, c.model_dir, c.dtype, c.block_size, c.step_timeout_s, c.attention_backend,
-                              c.quantization, c.quant_double)
-                for a in self.actors
-            ))
+            worker_args = dict(model_dir=c.model_dir, dtype=c.dtype, block_size=c.block_size,
+                               attention_backend=c.attention_backend, quantization=c.quantization,
+                               quant_double=c.quant_double, max_graph_batch=c.max_num_seqs,
+                               cuda_graphs=c.device == "cuda" if c.cuda_graphs is None else c.cuda_graphs)
+            max_step = (c.max_num_batched_tokens, c.max_num_seqs)
+            loaded = await asyncio.gather(*(a.load.remote(init_method, c.step_timeout_s, worker_args, max_step)
+                                            for a in self.actors))
             self.num_kv_blocks = min(self._blocks_for(info) for info in loaded)
             if self.num_kv_blocks < 1:
                 raise EngineError(f"no room for a KV block of {loaded[0]['kv_block_bytes']} bytes: raise the KV budget")
@@ -191,9 +200,9 @@ class Engine:
         c = self.config
         if info["free_bytes"] is None:
             budget = c.kv_cache_bytes
-        else:  # weights are loaded: what is left of the allowed share of the device goes to the cache
+        else:  # weights are loaded: what is left of the allowed share of the device, beside the largest step
             used = info["total_bytes"] - info["free_bytes"]
-            budget = int(info["total_bytes"] * c.gpu_memory_utilization) - used
+            budget = int(info["total_bytes"] * c.gpu_memory_utilization) - used - info["step_bytes"]
         blocks = budget // info["kv_block_bytes"]
         return min(blocks, c.max_num_blocks) if c.max_num_blocks else blocks
 

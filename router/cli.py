@@ -66,6 +66,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rendezvous-host", help="torch.distributed rendezvous host (default: rank 0's node)")
     parser.add_argument("--placement-timeout", type=float, default=60.0, help="seconds to wait for the ranks' resources")
     parser.add_argument("--step-timeout", type=float, default=120.0, help="seconds before a step counts as failed")
+    parser.add_argument("--max-num-seqs", type=int, default=64, help="sequences in one step at most")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens in one step at most")
+    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                        help="replay decode steps of up to --max-num-seqs sequences from CUDA graphs captured per "
+                             "padded batch size (default: on with --device cuda)")
     parser.add_argument("--compiled-graph", action=argparse.BooleanOptionalAction, default=None,
                         help="run steps through a Ray compiled graph (default: on GPU only; on CPU its channel "
                              "polling takes a core from the ranks)")
@@ -92,6 +97,9 @@ def engine_config(args):
         placement_timeout_s=args.placement_timeout,
         step_timeout_s=args.step_timeout,
         compiled_graph=args.compiled_graph,
+        cuda_graphs=args.cuda_graphs,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
     )
 
 
@@ -248,8 +256,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", help="the model's name in both APIs (default: the checkpoint directory's "
                    "name); HTTP requests naming another get 404 model_not_found")
     p.add_argument("--max-model-len", type=int, help="cap the model's maximum length (prompt + generated)")
-    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences in one step at most")
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens in one step at most")
     p.add_argument("--prefill-latency-factor", type=float, default=1.5,
                    help="steps that prefill long prompts beside decodes aim at this many decode steps (0: fixed "
                         "budget); the p99 lands about a quarter above it")

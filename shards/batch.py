@@ -10,6 +10,7 @@ only what is new, so a decode step's plan is a few dozen bytes per sequence what
 """
 
 from dataclasses import dataclass, field
+from itertools import chain
 
 import torch
 
@@ -126,20 +127,74 @@ class Prefill:
 
 
 @dataclass
+class Padding:
+    """A decode-only step padded to a fixed shape (a CUDA graph's): `size` sequences of one token each, block
+    tables `table_width` wide. The padding rows are one-token sequences at position 0 whose block table is
+    `pad_block` (a spare block no sequence owns): they write and read only there and are never sampled, so real
+    rows compute exactly what they would unpadded."""
+
+    size: int
+    table_width: int
+    pad_block: int
+
+    def fits(self, seqs: list[SeqPlan], block_size: int) -> bool:
+        return len(seqs) <= self.size and all(
+            len(s.token_ids) == 1 and s.start < self.table_width * block_size for s in seqs
+        )
+
+
+class HostStaging:
+    """Every step input in one host buffer, copied to the device once per step.
+
+    On CUDA the buffer is pinned and reused, the copy non-blocking (a pageable tensor per field would be ~11
+    synchronous copies a step); before it is overwritten the previous step's copy must have left it (an event).
+    On CPU the host tensors are the inputs. int64 fields first, then int32 ones, in one byte buffer."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self._host = self._dev = self._copied = None
+
+    def stage(self, longs: list[int], ints: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.device.type != "cuda":
+            return torch.tensor(longs, dtype=torch.long), torch.tensor(ints, dtype=torch.int32)
+        nbytes = 8 * len(longs) + 4 * len(ints)
+        if self._host is None or self._host.numel() < nbytes:
+            size = max(nbytes, 2 * (0 if self._host is None else self._host.numel()), 1 << 16)
+            self._host = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+            self._dev = torch.empty(size, dtype=torch.uint8, device=self.device)
+        elif self._copied is not None:
+            self._copied.synchronize()
+        split = 8 * len(longs)
+        self._host[:split].view(torch.long).copy_(torch.tensor(longs, dtype=torch.long))
+        self._host[split:nbytes].view(torch.int32).copy_(torch.tensor(ints, dtype=torch.int32))
+        self._dev[:nbytes].copy_(self._host[:nbytes], non_blocking=True)
+        self._copied = torch.cuda.Event()
+        self._copied.record()
+        return self._dev[:split].view(torch.long), self._dev[split:nbytes].view(torch.int32)
+
+
+# The int64 fields of a StepBatch, then its int32 ones (the varlen description a fused kernel reads), in the
+# order they are staged.
+LONG_FIELDS = ("input_ids", "positions", "rope_variants", "slot_mapping", "decode_rows", "decode_context_lens",
+               "decode_block_tables", "sample_rows")
+INT_FIELDS = ("query_start", "seq_lens", "block_tables")
+
+
+@dataclass
 class StepBatch:
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
     rope_variants: torch.Tensor  # [T]
     slot_mapping: torch.Tensor  # [T] cache slot (block * block_size + offset) each token's K/V goes to
-    prefills: list[Prefill]
     decode_rows: torch.Tensor  # [D] token rows of single-token sequences
     decode_context_lens: torch.Tensor  # [D]
     decode_block_tables: torch.Tensor  # [D, max blocks], padded with block 0 (masked by context length)
+    sample_rows: torch.Tensor  # [S] token rows whose logits are sampled
     # Every sequence in plan order, prefills and decodes alike (what a fused varlen kernel reads):
     query_start: torch.Tensor  # [N + 1] int32: sequence i's token rows are [query_start[i], query_start[i + 1])
     seq_lens: torch.Tensor  # [N] int32: positions after this step (its last token's position + 1)
     block_tables: torch.Tensor  # [N, max blocks] int32, padded with block 0 (never read past seq_lens)
-    sample_rows: torch.Tensor  # [S] token rows whose logits are sampled
+    prefills: list[Prefill]
     sampling_seqs: list[SeqPlan]
     prompt_scored: list[tuple[SeqPlan, int]]  # sequences asking prompt logprobs, with their first token row
     pooled: list[tuple[SeqPlan, int]]  # pooling sequences, with their first token row
@@ -148,12 +203,22 @@ class StepBatch:
     def num_tokens(self) -> int:
         return self.input_ids.numel()
 
+    def copy_inputs_(self, other: "StepBatch") -> None:
+        """Copy another batch of the same shape's device inputs into this one's tensors (a graph's static
+        inputs). sample_rows is not an input of the forward: it is left alone."""
+        for name in LONG_FIELDS + INT_FIELDS:
+            if name != "sample_rows":
+                getattr(self, name).copy_(getattr(other, name), non_blocking=True)
+
     @classmethod
-    def build(cls, seqs: list[SeqPlan], block_size: int, device) -> "StepBatch":
+    def build(cls, seqs: list[SeqPlan], block_size: int, device, staging: HostStaging | None = None,
+              padding: Padding | None = None) -> "StepBatch":
+        """The batch of these plans, its inputs staged through `staging` (default: a fresh one), padded to
+        `padding`'s shape if given (see Padding.fits)."""
         ids, positions, variants, slots = [], [], [], []
-        prefills, decode_rows, decode_lens, decode_tables, sample_rows, scored, pooled = [], [], [], [], [], [], []
-        query_start, seq_lens, tables = [], [], []
-        for seq in seqs:
+        decode_rows, decode_lens, decode_tables, sample_rows, scored, pooled = [], [], [], [], [], []
+        query_start, seq_lens, tables, prefill_seqs = [], [], [], []
+        for i, seq in enumerate(seqs):
             first, count = len(ids), len(seq.token_ids)
             end = seq.start + count
             if end > len(seq.block_table) * block_size:
@@ -171,37 +236,44 @@ class StepBatch:
             if count == 1:
                 decode_rows.append(first)
                 decode_lens.append(end)
-                decode_tables.append(seq.block_table)
+                decode_tables.append(tables[-1])
             else:
-                prefills.append(Prefill(first, count, seq.start, torch.tensor(tables[-1], device=device)))
+                prefill_seqs.append(i)
             if seq.sampling is not None:
                 sample_rows.append(first + count - 1)
             if seq.prompt_logprobs is not None:
                 scored.append((seq, first))
             if seq.pooling is not None:
                 pooled.append((seq, first))
-        width = max((len(t) for t in decode_tables), default=0)
-        decode_tables = [t + [0] * (width - len(t)) for t in decode_tables]
-        all_width = max((len(t) for t in tables), default=0)
-        tables = [t + [0] * (all_width - len(t)) for t in tables]
+        if padding is not None:
+            for row in range(len(seqs), padding.size):
+                query_start.append(row)
+                seq_lens.append(1)
+                tables.append([padding.pad_block])
+                ids.append(0)
+                positions.append(0)
+                variants.append(0)
+                slots.append(padding.pad_block * block_size)
+                decode_rows.append(row)
+                decode_lens.append(1)
+                decode_tables.append(tables[-1])
+        width = padding.table_width if padding else max((len(t) for t in decode_tables), default=0)
+        all_width = padding.table_width if padding else max((len(t) for t in tables), default=0)
+        pad = padding.pad_block if padding else 0
 
-        def tensor(values, dtype=torch.long):
-            return torch.tensor(values, dtype=dtype, device=device)
+        def flat(rows, width):
+            return [b for t in rows for b in t + [pad] * (width - len(t))]
 
-        return cls(
-            input_ids=tensor(ids),
-            positions=tensor(positions),
-            rope_variants=tensor(variants),
-            slot_mapping=tensor(slots),
-            prefills=prefills,
-            decode_rows=tensor(decode_rows),
-            decode_context_lens=tensor(decode_lens),
-            decode_block_tables=tensor(decode_tables).view(len(decode_tables), width),
-            query_start=tensor(query_start + [len(ids)], torch.int32),
-            seq_lens=tensor(seq_lens, torch.int32),
-            block_tables=tensor(tables, torch.int32).view(len(tables), all_width),
-            sample_rows=tensor(sample_rows),
-            sampling_seqs=[s for s in seqs if s.sampling is not None],
-            prompt_scored=scored,
-            pooled=pooled,
-        )
+        longs = [ids, positions, variants, slots, decode_rows, decode_lens, flat(decode_tables, width), sample_rows]
+        ints = [query_start + [len(ids)], seq_lens, flat(tables, all_width)]
+        long_buf, int_buf = (staging or HostStaging(device)).stage(list(chain(*longs)), list(chain(*ints)))
+        fields = {}
+        for names, parts, buf in ((LONG_FIELDS, longs, long_buf), (INT_FIELDS, ints, int_buf)):
+            for name, part in zip(names, buf.split([len(p) for p in parts])):
+                fields[name] = part
+        fields["decode_block_tables"] = fields["decode_block_tables"].view(len(decode_tables), width)
+        fields["block_tables"] = fields["block_tables"].view(len(tables), all_width)
+        prefills = [Prefill(query_start[i], len(seqs[i].token_ids), seqs[i].start,
+                            fields["block_tables"][i, : len(tables[i])]) for i in prefill_seqs]
+        return cls(**fields, prefills=prefills, sampling_seqs=[s for s in seqs if s.sampling is not None],
+                   prompt_scored=scored, pooled=pooled)

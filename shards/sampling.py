@@ -65,11 +65,14 @@ class TokenLogprobs:
         return cls(token_ids, chosen, top_ids, top_logprobs)
 
     def to_lists(self, num_top: list[int]) -> list[dict]:
-        """Plain Python per row, top-N trimmed to that row's own num_top (one device sync)."""
-        ids, lps = self.token_ids.tolist(), self.logprobs.tolist()
-        top_ids, top_lps = self.top_ids.tolist(), self.top_logprobs.tolist()
-        return [{"token_id": ids[i], "logprob": lps[i], "top": list(zip(top_ids[i], top_lps[i]))[:n]}
-                for i, n in enumerate(num_top)]
+        """Plain Python per row, top-N trimmed to that row's own num_top: one device-to-host copy of every
+        field packed as float64 (exact for token ids and float32 logprobs)."""
+        n = self.top_ids.shape[1]
+        packed = torch.cat([self.token_ids[:, None].double(), self.logprobs[:, None].double(),
+                            self.top_ids.double(), self.top_logprobs.double()], 1).cpu().tolist()
+        return [{"token_id": int(row[0]), "logprob": row[1], "top": list(zip(map(int, row[2 : 2 + k]),
+                                                                         row[2 + n : 2 + n + k]))}
+                for row, k in zip(packed, (min(k, n) for k in num_top))]
 
 
 # On CPU a row-wise reduction over 151,936 logits is memory-bound: these column chunks keep the exp pass of

@@ -10,15 +10,37 @@ import time
 import torch
 
 from shards.attention import allocate_kv_cache
-from shards.batch import KeptSequences, SeqPlan, StepBatch
+from shards.batch import HostStaging, KeptSequences, SeqPlan, StepBatch
 from shards.config import DTYPES, Qwen2Config
+from shards.graphs import DecodeGraphs
 from shards.loader import load_weights
 from shards.model import Qwen2Stage
 from shards.parallel import ParallelGroups, recv_from_prev_stage, send_to_next_stage
 from shards.quant import QuantConfig
-from shards.sampling import TokenLogprobs, sample
+from shards.sampling import SamplingParams, TokenLogprobs, sample
 
 PROMPT_LOGPROB_ROWS = 256  # 256 rows of a 152K vocabulary: 156 MB of float32 logits
+
+
+class StepClock:
+    """Marks and the seconds between them: CUDA events on a GPU (the wall clock there would time only the
+    enqueueing of kernels), the wall clock elsewhere."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(self, start, end) -> float:
+        if not self.cuda:
+            return end - start
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
 
 
 @torch.no_grad()
@@ -46,6 +68,8 @@ class ShardWorker:
         quantization: str | None = None,
         quant_double: bool = False,
         config: Qwen2Config | None = None,
+        cuda_graphs: bool = False,
+        max_graph_batch: int = 256,
     ):
         """`model_dir` None: no checkpoint, random weights (normal, std 0.02; norms 1) made on the device for
         `config`, which is how the GPU benchmark builds a 7B-shaped model without one on disk."""
@@ -64,8 +88,15 @@ class ShardWorker:
         else:
             self.bytes_loaded = load_weights(self.model.checkpoint_targets(), model_dir, progress)
         self.kv_cache = None
+        self.staging = HostStaging(self.device)
+        # Decode steps of up to max_graph_batch sequences replay CUDA graphs (shards/graphs.py), captured when the
+        # cache is allocated; use_cuda_graphs turns replay off and on (the GPU benchmark compares both).
+        self.cuda_graphs, self.max_graph_batch, self.graphs = cuda_graphs, max_graph_batch, None
+        self.use_cuda_graphs = cuda_graphs
         self.kept = KeptSequences()  # what earlier plans sent, for the continuing ones
-        self.last_sample_s = 0.0  # seconds the driver spent sampling in its last step
+        self.clock = StepClock(self.device)
+        self.last_step_s = 0.0  # seconds its last step took on this rank (device time on a GPU)
+        self.last_sample_s = 0.0  # of which the driver spent sampling
         if num_kv_blocks is not None:
             self.allocate_kv_cache(num_kv_blocks)
 
@@ -77,22 +108,63 @@ class ShardWorker:
         return len(self.model.layers) * 2 * self.block_size * attn.kv_heads * attn.head_dim * element
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
+        """A cache of num_blocks blocks for the scheduler's sequences, plus one spare (block num_blocks) that
+        padded rows write to; then the decode graphs over it, if asked."""
         attn = self.model.layers[0].self_attn
-        self.kv_cache = None  # free the old cache first
+        self.kv_cache = self.graphs = None  # free the old cache first
         self.kv_cache = allocate_kv_cache(
-            len(self.model.layers), num_blocks, self.block_size, attn.kv_heads, attn.head_dim,
+            len(self.model.layers), num_blocks + 1, self.block_size, attn.kv_heads, attn.head_dim,
             self.config.dtype, self.device,
         )
+        if self.cuda_graphs:
+            table_width = min(num_blocks, -(-self.config.max_model_len // self.block_size))
+            receives = None if self.groups.is_first_stage else self.config.hidden_size
+            self.graphs = DecodeGraphs(self._stage, self.block_size, table_width, num_blocks, self.max_graph_batch,
+                                       receives, self.config.dtype, self.device, capture=self.device.type == "cuda")
+
+    def measure_step_memory(self, num_tokens: int, num_seqs: int) -> int:
+        """Bytes the largest step the scheduler may build needs beyond the weights (activations, logits,
+        sampling), measured on a GPU by running it: num_tokens prompt tokens over num_seqs sequences, each
+        sampled, on a cache just large enough, freed after. The KV cache is sized to leave this free. 0 on CPU,
+        whose cache has a fixed budget. Every rank must call it together (the step has collectives)."""
+        if self.device.type != "cuda":
+            return 0
+        num_seqs = max(1, min(num_seqs, num_tokens))
+        lengths = [num_tokens // num_seqs + (i < num_tokens % num_seqs) for i in range(num_seqs)]
+        blocks = [-(-n // self.block_size) for n in lengths]
+        attn = self.model.layers[0].self_attn
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        self.kv_cache = allocate_kv_cache(len(self.model.layers), sum(blocks), self.block_size, attn.kv_heads,
+                                          attn.head_dim, self.config.dtype, self.device)
+        cache_bytes = self.kv_cache.numel() * self.kv_cache.element_size()
+        greedy = SamplingParams(temperature=0.0)
+        first = [sum(blocks[:i]) for i in range(num_seqs)]
+        plans = [SeqPlan(i, [0] * n, 0, list(range(first[i], first[i] + blocks[i])), sampling=greedy)
+                 for i, n in enumerate(lengths)]
+        self.execute(plans, forget=range(num_seqs))
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - before - cache_bytes
+        self.kv_cache, self.kept = None, KeptSequences()
+        torch.cuda.empty_cache()
+        return peak
+
+    def _stage(self, batch: StepBatch, hidden: torch.Tensor | None) -> torch.Tensor:
+        return self.model(batch, self.kv_cache, hidden)
 
     def _hidden(self, seqs: list[SeqPlan], forget=()) -> tuple[torch.Tensor | None, StepBatch]:
         """This rank's stage over one step: the final hidden states on the last stage, None elsewhere. `forget`:
         ids of sequences whose kept plans end before this step (see KeptSequences)."""
-        batch = StepBatch.build(self.kept.resolve(seqs, forget), self.block_size, self.device)
+        plans = self.kept.resolve(seqs, forget)
+        graphs = self.graphs if self.use_cuda_graphs else None
+        padding = graphs and graphs.padding_for(plans)
+        batch = StepBatch.build(plans, self.block_size, self.device, self.staging, padding)
         hidden = None
         if not self.groups.is_first_stage:
             shape = (batch.num_tokens, self.config.hidden_size)
             hidden = recv_from_prev_stage(shape, self.config.dtype, self.device, self.groups)
-        hidden = self.model(batch, self.kv_cache, hidden)
+        hidden = graphs.run(batch, hidden) if padding else self._stage(batch, hidden)
         if not self.groups.is_last_stage:
             send_to_next_stage(hidden, self.groups)
             return None, batch
@@ -110,6 +182,13 @@ class ShardWorker:
         that samples, scores its prompt or pools: {"seq_id"}, with "token_id", "logprob", "top" if it samples,
         "prompt_logprobs" (a row per prompt_targets) if it scores, "pooled" (see _pool) if it pools; None
         elsewhere."""
+        began = self.clock.mark()
+        try:
+            return self._execute(seqs, forget)
+        finally:
+            self.last_step_s = self.clock.seconds(began, self.clock.mark())
+
+    def _execute(self, seqs, forget):
         hidden, batch = self._hidden(seqs, forget)
         if hidden is None:
             return None
@@ -118,7 +197,7 @@ class ShardWorker:
         prompt = self._prompt_logprobs(hidden, batch)
         if not self.groups.is_driver:
             return None
-        out, began = {}, time.perf_counter()
+        out, sampling = {}, self.clock.mark()
         if batch.sampling_seqs:
             params = [s.sampling for s in batch.sampling_seqs]
             sampled = sample(logits, params, [s.prompt_token_ids for s in batch.sampling_seqs],
@@ -127,7 +206,7 @@ class ShardWorker:
                              [self.kept.seen(s.seq_id) for s in batch.sampling_seqs])
             rows = sampled.to_lists([p.logprobs for p in params])
             out = {s.seq_id: dict(seq_id=s.seq_id, **row) for s, row in zip(batch.sampling_seqs, rows)}
-        self.last_sample_s = time.perf_counter() - began  # to_lists synchronised with the device
+        self.last_sample_s = self.clock.seconds(sampling, self.clock.mark())
         for seq_id, rows in prompt.items():
             out.setdefault(seq_id, {"seq_id": seq_id})["prompt_logprobs"] = rows
         for seq, first in batch.pooled:

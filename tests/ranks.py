@@ -17,8 +17,10 @@ def block_tables(num_seqs: int, blocks_each: int) -> list[list[int]]:
     return [[seq + num_seqs * i for i in range(blocks_each)][::-1] for seq in range(num_seqs)]
 
 
-def teacher_forced_logits(rank, world, model_dir, tp, pp, prompts, continuations, variants):
-    worker = ShardWorker(model_dir, init_groups(tp, pp), num_kv_blocks=64, block_size=BLOCK_SIZE)
+def teacher_forced_logits(rank, world, model_dir, tp, pp, prompts, continuations, variants, cuda_graphs=False):
+    """With cuda_graphs, decode steps run padded over the graphs' static batches (eagerly on CPU)."""
+    worker = ShardWorker(model_dir, init_groups(tp, pp), num_kv_blocks=64, block_size=BLOCK_SIZE,
+                         cuda_graphs=cuda_graphs, max_graph_batch=4)
     return teacher_forced(worker, prompts, continuations, variants)
 
 
