@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shards.fused import PLAIN, Ops
 from shards.parallel import ParallelGroups, all_reduce, gather_last_dim
 
 
@@ -39,19 +40,19 @@ def _parameter(shape, loader, dtype) -> nn.Parameter:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float, dtype=torch.float32):
+    """Adds the layer's input to the residual stream and norms the sum (`ops.add_rmsnorm`: shards/fused.py)."""
+
+    def __init__(self, size: int, eps: float, dtype=torch.float32, ops: Ops = PLAIN):
         super().__init__()
-        self.eps = eps
+        self.eps, self.add_rmsnorm = eps, ops.add_rmsnorm
         self.weight = _parameter((size,), self._load, dtype)
 
     def _load(self, param, source, shard_id=None):
         return copy_into(param.data, read_slice(source, param.shape))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normed x + residual, x + residual); residual None: x alone."""
+        return self.add_rmsnorm(x, residual, self.weight, self.eps)
 
 
 class ReplicatedLinear(nn.Module):

@@ -6,12 +6,12 @@ or QA head replicated on each TP rank, or none (Qwen2Model). With one stage and 
 """
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from shards.attention import load_backend, write_kv
 from shards.batch import StepBatch
 from shards.config import Qwen2Config
+from shards.fused import Ops, load_ops
 from shards.layers import (
     ReplicatedLinear,
     RMSNorm,
@@ -23,7 +23,7 @@ from shards.layers import (
 )
 from shards.parallel import ParallelGroups
 from shards.quant import QuantConfig, linear_method
-from shards.rope import RotaryEmbedding, apply_rotary
+from shards.rope import RotaryEmbedding
 
 
 # The pooling heads: checkpoint module name, outputs (None: num_labels) and bias, per class.
@@ -50,7 +50,7 @@ def partition_layers(num_layers: int, pp_size: int) -> list[range]:
 
 
 class Attention(nn.Module):
-    def __init__(self, config: Qwen2Config, window, groups: ParallelGroups, backend: str, quant=None):
+    def __init__(self, config: Qwen2Config, window, groups: ParallelGroups, backend: str, ops: Ops, quant=None):
         super().__init__()
         tp, dt = groups.tp_size, config.dtype
         heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
@@ -59,6 +59,7 @@ class Attention(nn.Module):
         self.head_dim, self.window = config.head_dim, window
         self.scale = config.head_dim**-0.5
         self.attend = load_backend(backend, torch.get_default_device())  # built under `with device`
+        self.rotary = ops.rotary
         self.qkv_proj = qkv_parallel(config.hidden_size, heads, local_kv, kv_heads, config.head_dim, groups, dt,
                                      quant)
         self.o_proj = RowParallelLinear(heads * config.head_dim, config.hidden_size, groups, dt, quant)
@@ -66,36 +67,40 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, cache, batch: StepBatch):
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
         q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = apply_rotary(q.view(-1, self.heads, self.head_dim), cos, sin)
-        k = apply_rotary(k.view(-1, self.kv_heads, self.head_dim), cos, sin)
+        q, k = self.rotary(q.view(-1, self.heads, self.head_dim), k.view(-1, self.kv_heads, self.head_dim), cos, sin)
         write_kv(cache, k, v.view(-1, self.kv_heads, self.head_dim), batch.slot_mapping)
         out = self.attend(q, cache, batch, self.scale, self.window)
         return self.o_proj(out.flatten(1))
 
 
 class MLP(nn.Module):
-    def __init__(self, config: Qwen2Config, groups: ParallelGroups, quant=None):
+    def __init__(self, config: Qwen2Config, groups: ParallelGroups, ops: Ops, quant=None):
         super().__init__()
         hidden, inter, dt = config.hidden_size, config.intermediate_size, config.dtype
+        self.silu_and_mul = ops.silu_and_mul
         self.gate_up_proj = merged_column_parallel(hidden, inter, 2, groups, dt, quant)
         self.down_proj = RowParallelLinear(inter, hidden, groups, dt, quant)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: Qwen2Config, window, groups: ParallelGroups, backend: str, quant=None):
-        super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
-        self.self_attn = Attention(config, window, groups, backend, quant)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
-        self.mlp = MLP(config, groups, quant)
+    """vLLM's residual style: a layer returns its MLP's output and the residual stream apart, and the next norm
+    adds them (fused on CUDA). The same additions as x + attn(norm(x)), then + mlp(norm(...)), bit for bit."""
 
-    def forward(self, x, cos, sin, cache, batch):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, batch)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def __init__(self, config: Qwen2Config, window, groups: ParallelGroups, backend: str, ops: Ops, quant=None):
+        super().__init__()
+        hidden, eps, dt = config.hidden_size, config.rms_norm_eps, config.dtype
+        self.input_layernorm = RMSNorm(hidden, eps, dt, ops)
+        self.self_attn = Attention(config, window, groups, backend, ops, quant)
+        self.post_attention_layernorm = RMSNorm(hidden, eps, dt, ops)
+        self.mlp = MLP(config, groups, ops, quant)
+
+    def forward(self, x, residual, cos, sin, cache, batch):
+        x, residual = self.input_layernorm(x, residual)
+        x, residual = self.post_attention_layernorm(self.self_attn(x, cos, sin, cache, batch), residual)
+        return self.mlp(x), residual
 
 
 class Qwen2Stage(nn.Module):
@@ -108,16 +113,17 @@ class Qwen2Stage(nn.Module):
         self.config, self.groups = config, groups
         self.layer_range = partition_layers(config.num_hidden_layers, groups.pp_size)[groups.pp_rank]
         vocab, hidden, dt = config.vocab_size, config.hidden_size, config.dtype
+        ops = load_ops(torch.get_default_device())  # built under `with device`
         if groups.is_first_stage:
             self.embed_tokens = VocabParallelEmbedding(vocab, hidden, groups, dt)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, config.sliding_windows[i], groups, attention_backend, linear_method(quant))
+            DecoderLayer(config, config.sliding_windows[i], groups, attention_backend, ops, linear_method(quant))
             for i in self.layer_range
         )
         self.rotary = RotaryEmbedding(config)
         self.lm_head = self.head = None
         if groups.is_last_stage:
-            self.norm = RMSNorm(hidden, config.rms_norm_eps, dt)
+            self.norm = RMSNorm(hidden, config.rms_norm_eps, dt, ops)
             if "generate" in config.tasks:
                 tied_here = config.tie_word_embeddings and groups.is_first_stage
                 self.lm_head = self.embed_tokens if tied_here else VocabParallelEmbedding(vocab, hidden, groups, dt)
@@ -130,9 +136,10 @@ class Qwen2Stage(nn.Module):
         """Hidden states [T, hidden] after this stage's layers (normed on the last stage)."""
         x = self.embed_tokens(batch.input_ids) if self.groups.is_first_stage else hidden
         cos, sin = self.rotary.lookup(batch.rope_variants, batch.positions, x.dtype)
+        residual = None
         for layer, cache in zip(self.layers, kv_cache):
-            x = layer(x, cos, sin, cache, batch)
-        return self.norm(x) if self.groups.is_last_stage else x
+            x, residual = layer(x, residual, cos, sin, cache, batch)
+        return self.norm(x, residual)[0] if self.groups.is_last_stage else x + residual
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Float32 logits [rows, vocab] of these hidden rows on the driver rank; None on other ranks (every

@@ -1,4 +1,6 @@
 import os
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 
 import openai
 import pytest
@@ -61,6 +63,24 @@ def expected_greedy(checkpoints):
             logprobs = model(ids).logits[0, len(prompt) - 1 : -1].log_softmax(-1)
         out.append((ids[0, len(prompt):].tolist(), logprobs))
     return out
+
+
+@pytest.fixture(scope="module")
+def interpreter():
+    """A child process whose Triton runs kernels on CPU tensors; `interpreter(fn, *args)` runs fn there (why a
+    child: tests/test_triton_attention.py's docstring)."""
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"  # the child copies the environment when it starts, at the first submit
+    pool = ProcessPoolExecutor(1, mp_context=get_context("spawn"))
+    try:
+        pool.submit(int).result()
+    finally:
+        if saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+    yield lambda fn, *args: pool.submit(fn, *args).result()
+    pool.shutdown()
 
 
 # Clients of a module's `server` fixture (an InProcessServer with http=True): the real openai SDK and ours.

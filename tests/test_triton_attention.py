@@ -3,15 +3,13 @@ the model, against transformers.
 
 Triton picks the interpreter when it is imported (for its own library functions) and at each `@triton.jit`,
 and transformers imports it, so the conftest already has. The cases therefore run in one child process started
-with TRITON_INTERPRET=1 (the `interpreter` fixture); nothing else in the suite sees the variable.
+with TRITON_INTERPRET=1 (the conftest's `interpreter` fixture); nothing else in the suite sees the variable.
 """
 
 import os
 import random
 import subprocess
 import sys
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 
 import pytest
 import torch
@@ -25,23 +23,6 @@ from tests import ranks
 from tests.test_parallel_numerics import TOLERANCE, random_tokens, reference
 
 pytest.importorskip("triton", reason="triton is not installed (the test extra installs it)")
-
-
-@pytest.fixture(scope="module")
-def interpreter():
-    """A child process whose Triton runs kernels on CPU tensors; `interpreter(fn, *args)` runs fn there."""
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"  # the child copies the environment when it starts, at the first submit
-    pool = ProcessPoolExecutor(1, mp_context=get_context("spawn"))
-    try:
-        pool.submit(int).result()
-    finally:
-        if saved is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
-    yield lambda fn, *args: pool.submit(fn, *args).result()
-    pool.shutdown()
 
 
 def kernel():

@@ -7,8 +7,6 @@ slices that keep the blocks around them; float32 and bfloat16, row counts that a
 import pytest
 import torch
 
-from tests.test_triton_attention import interpreter  # noqa: F401 (the fixture)
-
 pytest.importorskip("triton", reason="triton is not installed (the test extra installs it)")
 
 # (format, bits, group_size, desc_act, tp_rank, tp_size); 128 input channels, 80 outputs.
@@ -87,7 +85,7 @@ def compare(cases, dtype) -> list[float]:
 
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-6), (torch.bfloat16, 2**-8)])
-def test_fused_kernel_matches_the_torch_path(interpreter, dtype, tolerance):  # noqa: F811
+def test_fused_kernel_matches_the_torch_path(interpreter, dtype, tolerance):
     errors = interpreter(compare, CASES, dtype)
     print(dtype, dict(zip(CASES, errors)))
     assert max(errors) <= tolerance
