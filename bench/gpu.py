@@ -242,9 +242,8 @@ def measure_floors(device, s: dict) -> dict:
 
 
 def build_worker(cfg: dict, device, num_blocks: int | None, graphs: bool) -> ShardWorker:
-    kwargs = {"cuda_graphs": True} if graphs else {}
     return ShardWorker(None, ParallelGroups(), num_kv_blocks=num_blocks, device=device, dtype=cfg["torch_dtype"],
-                       config=Qwen2Config.from_dict(cfg), attention_backend=None, **kwargs)
+                       config=Qwen2Config.from_dict(cfg), attention_backend=None, cuda_graphs=graphs)
 
 
 def graph_worker(cfg: dict, device, num_blocks: int) -> tuple[ShardWorker, str | None]:
@@ -252,18 +251,11 @@ def graph_worker(cfg: dict, device, num_blocks: int) -> tuple[ShardWorker, str |
     if device.type != "cuda":
         return build_worker(cfg, device, num_blocks, False), "not available: CUDA graphs need a CUDA device"
     try:
-        worker = build_worker(cfg, device, num_blocks, True)
-    except TypeError as e:
-        if "cuda_graphs" not in str(e):
-            raise
-        return build_worker(cfg, device, num_blocks, False), "not available: ShardWorker takes no cuda_graphs"
+        return build_worker(cfg, device, num_blocks, True), None
     except Exception as e:  # a failed capture: measure eager rather than nothing
         log(f"decode: building with CUDA graphs failed ({type(e).__name__}: {e}); eager only")
         free_memory(device)
         return build_worker(cfg, device, num_blocks, False), f"failed: {type(e).__name__}: {e}"
-    if not hasattr(worker, "use_cuda_graphs"):
-        return worker, "not available: the worker has no use_cuda_graphs switch"
-    return worker, None
 
 
 def kv_blocks(batch: int, context: int) -> int:
@@ -300,7 +292,7 @@ def decode_row(worker: ShardWorker, batch: int, context: int, device, s: dict) -
 
     def step():
         worker.execute(plans)
-        sample_s.append(getattr(worker, "last_sample_s", 0.0))  # the driver's sampling, inside the step
+        sample_s.append(worker.last_sample_s)  # the driver's sampling, inside the step
 
     times = timings(step, device, s["warmup"], s["steps"])
     return summary(times) | {"sample_s_median": statistics.median(sample_s[s["warmup"]:])}
