@@ -15,16 +15,24 @@ from tests.multiproc import free_port
 
 
 class ServerProcess:
+    # Ports are picked free, then bound by the server seconds later: meanwhile the kernel may hand one to an
+    # outgoing connection (Ray's, gRPC's) as its local port. A start that lost its port that way is relaunched
+    # on fresh ports, this many times at most.
+    PORT_RETRIES = 3
+
     def __init__(self, model_dir=None, *flags: str, tp: int = 2):
-        self.port = free_port()
-        self.target = f"127.0.0.1:{self.port}"
-        self.metrics_port = free_port()
-        self.http_port = free_port()
-        exe = Path(sys.executable).parent / "qwen2-cluster"
         model = ["--model", str(model_dir)] if model_dir else []  # None: the built-in demo checkpoint
-        cmd = [str(exe), "serve", *model, "--host", "127.0.0.1", "--port", str(self.port),
-               "--tensor-parallel-size", str(tp), "--rendezvous-host", "127.0.0.1", "--cpus-per-rank", "0.5",
-               "--block-size", "4", "--metrics-port", str(self.metrics_port), "--http-port", str(self.http_port), *flags]
+        self.args = ["serve", *model, "--host", "127.0.0.1", "--tensor-parallel-size", str(tp), "--rendezvous-host",
+                     "127.0.0.1", "--cpus-per-rank", "0.5", "--block-size", "4", *flags]
+        self.retries = self.PORT_RETRIES
+        self._launch()
+
+    def _launch(self) -> None:
+        self.port, self.metrics_port, self.http_port = free_port(), free_port(), free_port()
+        self.target = f"127.0.0.1:{self.port}"
+        exe = Path(sys.executable).parent / "qwen2-cluster"
+        cmd = [str(exe), *self.args, "--port", str(self.port), "--metrics-port", str(self.metrics_port),
+               "--http-port", str(self.http_port)]
         env = dict(os.environ, GLOO_SOCKET_IFNAME="lo")
         self.log = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
@@ -42,7 +50,13 @@ class ServerProcess:
         seen, deadline = [], time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
+                output = self.output()
+                if "Address already in use" in output and self.retries > 0:
+                    self.retries -= 1
+                    self.log.close()
+                    self._launch()
+                    continue
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{output}")
             status = self.health()
             if status is not None and (not seen or seen[-1] != status):
                 seen.append(status)
