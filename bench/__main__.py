@@ -91,16 +91,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 @contextlib.contextmanager
 def server(model_dir, tp: int, threads: int, kv_gib: float, extra: str = ""):
     """`qwen2-cluster serve` in a subprocess; the ranks share `threads` threads, as the baseline uses."""
-    from tests.multiproc import free_port
     from tests.server_process import ServerProcess
 
-    metrics_port = free_port()
     proc = ServerProcess(model_dir, "--cpus-per-rank", str(max(1, threads // tp)), "--block-size", "16",
-                         "--kv-cache-memory-gib", str(kv_gib), "--metrics-port", str(metrics_port), *shlex.split(extra),
-                         tp=tp)
+                         "--kv-cache-memory-gib", str(kv_gib), *shlex.split(extra), tp=tp)
     try:
         proc.wait_serving()
-        yield proc.target, f"http://127.0.0.1:{metrics_port}/metrics"
+        yield proc.target, f"http://127.0.0.1:{proc.metrics_port}/metrics"
     finally:
         proc.stop()
 
