@@ -5,6 +5,7 @@ uses: all per-row parameters become [B] tensors, so the hot path is a fixed
 sequence of batched torch ops with no Python loop per sequence.
 """
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -46,23 +47,9 @@ class TokenLogprobs:
     top_logprobs: torch.Tensor  # [B, N] float32
 
     @classmethod
-    def of(cls, logits: torch.Tensor, token_ids: torch.Tensor, num_top: int | list[int],
-           lse: torch.Tensor | None = None) -> "TokenLogprobs":
-        """Logprobs of the raw logits [B, V] at token_ids [B]: logit - logsumexp, with no [B, V] log_softmax;
-        the top-n (one int for every row, or a list per row) only over the rows that ask any."""
-        rows = logits.shape[0]
-        num_top = [num_top] * rows if isinstance(num_top, int) else num_top
-        lse = _logsumexp(logits) if lse is None else lse
-        chosen = logits.gather(1, token_ids[:, None]).squeeze(1).float() - lse
-        n = min(max(num_top, default=0), logits.shape[1])
-        top_ids = torch.zeros(rows, n, dtype=torch.long, device=logits.device)
-        top_logprobs = torch.zeros(rows, n, device=logits.device)
-        asking = [i for i, k in enumerate(num_top) if k > 0]
-        if asking:
-            which = torch.tensor(asking, device=logits.device)
-            values, ids = _topk(_take(logits, which), n)
-            top_ids[which], top_logprobs[which] = ids, values.float() - lse[which, None]
-        return cls(token_ids, chosen, top_ids, top_logprobs)
+    def of(cls, logits: torch.Tensor, token_ids: torch.Tensor, num_top: int | list[int]) -> "TokenLogprobs":
+        """Logprobs of the raw logits [B, V] at token_ids [B] (see RawLogprobs)."""
+        return RawLogprobs.of(logits, num_top).choose(logits, token_ids)
 
     def to_lists(self, num_top: list[int]) -> list[dict]:
         """Plain Python per row, top-N trimmed to that row's own num_top: one device-to-host copy of every
@@ -73,6 +60,36 @@ class TokenLogprobs:
         return [{"token_id": int(row[0]), "logprob": row[1], "top": list(zip(map(int, row[2 : 2 + k]),
                                                                          row[2 + n : 2 + n + k]))}
                 for row, k in zip(packed, (min(k, n) for k in num_top))]
+
+
+@dataclass
+class RawLogprobs:
+    """What logprobs need of whole raw rows: each row's log-sum-exp and its top-n (one int for every row, or a list
+    per row; found only for the rows that ask any). No [B, V] log_softmax is made."""
+
+    lse: torch.Tensor  # [B] float32
+    top_ids: torch.Tensor  # [B, N] int64
+    top_logprobs: torch.Tensor  # [B, N] float32
+
+    @classmethod
+    def of(cls, logits: torch.Tensor, num_top: int | list[int], lse: torch.Tensor | None = None) -> "RawLogprobs":
+        rows = logits.shape[0]
+        num_top = [num_top] * rows if isinstance(num_top, int) else num_top
+        lse = _logsumexp(logits) if lse is None else lse
+        n = min(max(num_top, default=0), logits.shape[1])
+        top_ids = torch.zeros(rows, n, dtype=torch.long, device=logits.device)
+        top_logprobs = torch.zeros(rows, n, device=logits.device)
+        asking = [i for i, k in enumerate(num_top) if k > 0]
+        if asking:
+            which = torch.tensor(asking, device=logits.device)
+            values, ids = _topk(_take(logits, which), n)
+            top_ids[which], top_logprobs[which] = ids, values.float() - lse[which, None]
+        return cls(lse, top_ids, top_logprobs)
+
+    def choose(self, logits: torch.Tensor, token_ids: torch.Tensor) -> TokenLogprobs:
+        """The logprobs of token_ids [B], whose raw logits are these (logits raw at least there)."""
+        chosen = logits.gather(1, token_ids[:, None]).squeeze(1).float() - self.lse
+        return TokenLogprobs(token_ids, chosen, self.top_ids, self.top_logprobs)
 
 
 # On CPU a row-wise reduction over 151,936 logits is memory-bound: these column chunks keep the exp pass of
@@ -180,18 +197,36 @@ def _additions(params: list[SamplingParams], output_token_ids: list[list[int]], 
             torch.tensor(values, dtype=torch.float32, device=device))
 
 
-def _banned(token_masks: list[bytes | None] | None, vocab_size: int, device):
-    """(rows, [R, V] bool: the tokens each may not take) of the rows that carry a packed token bitmask; None when
-    none does. Unpacked byte by byte (bit k of byte b allows id 8b + k, the same as the little-endian words)."""
+def _token_masks(token_masks: list[bytes | None] | None, vocab_size: int, device):
+    """(rows, [R, W] uint8: the packed bitmasks) of the rows that carry one (bit k of byte b allows id 8b + k, the
+    same as xgrammar's little-endian int32 words), W covering the whole vocabulary; None when no row does. The
+    bytes past a mask (the LM head's padding ids) are zero: never allowed."""
     rows = [i for i, m in enumerate(token_masks or ()) if m is not None]
     if not rows:
         return None
-    packed = torch.frombuffer(bytearray(b"".join(token_masks[i] for i in rows)), dtype=torch.uint8).to(device)
-    bits = (packed.view(len(rows), -1, 1) >> torch.arange(8, dtype=torch.uint8, device=device)) & 1
-    banned = bits.view(len(rows), -1)[:, :vocab_size] == 0
-    if banned.shape[1] < vocab_size:  # ids past the mask (padding rows of the LM head) are never allowed
-        banned = torch.nn.functional.pad(banned, (0, vocab_size - banned.shape[1]), value=True)
-    return rows, banned
+    width = -(-vocab_size // 8)
+    packed = bytearray(b"".join(token_masks[i][:width].ljust(width, b"\0") for i in rows))
+    return rows, torch.frombuffer(packed, dtype=torch.uint8).view(len(rows), width).to(device)
+
+
+@functools.cache
+def _bit_bias(device) -> torch.Tensor:
+    """[256, 8] float32: row b is what to add to 8 logits whose allowed bits are the byte b (0 or -inf)."""
+    return torch.tensor([[0.0 if b >> k & 1 else float("-inf") for k in range(8)] for b in range(256)],
+                        device=device)
+
+
+def _apply_token_masks_(x: torch.Tensor, rows: list[int], packed: torch.Tensor, row_by_row: bool | None = None):
+    """Disallowed logits of x [B, V] to -inf, in place, by adding a bias looked up byte by byte (a bool
+    masked_fill over random-looking masks branches per element: ~6x slower on CPU). Row by row by default on
+    CPU, so each row's bias stays in cache; elsewhere the whole batch in one lookup."""
+    vocab, bias = x.shape[1], _bit_bias(x.device)
+    if x.device.type == "cpu" if row_by_row is None else row_by_row:
+        for row, bits in zip(rows, packed):
+            x[row].add_(bias.index_select(0, bits.long()).view(-1)[:vocab])
+    else:
+        index = torch.tensor(rows, device=x.device)
+        x.index_add_(0, index, bias[packed.long()].view(len(rows), -1)[:, :vocab])
 
 
 @dataclass
@@ -213,8 +248,9 @@ class SamplingTensors:
     # (rows, token ids, values) added to the logits: logit_bias, and -inf on the ids min_tokens still bans;
     # None when no row has either (those rows cost nothing).
     additions: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
-    # (rows, [R, V] bool) of the structured-output rows: tokens outside their grammar are -inf, greedy too.
-    banned: tuple[list[int], torch.Tensor] | None
+    # (rows, [R, ceil(V / 8)] uint8 packed bitmasks) of the structured-output rows: tokens outside their grammar
+    # are -inf, greedy too.
+    token_masks: tuple[list[int], torch.Tensor] | None
     # (rows, ids) of each repetition-penalised row's distinct prompt and output tokens; None when none.
     seen: tuple[torch.Tensor, torch.Tensor] | None
     # (rows, ids, counts) of each presence/frequency-penalised row's output tokens; None when none.
@@ -256,7 +292,7 @@ class SamplingTensors:
             temperature=tensor([1.0 if g else p.temperature for g, p in zip(greedy, params)]),
             greedy=tensor(greedy, torch.bool),
             additions=_additions(params, output_token_ids, device),
-            banned=_banned(token_masks, vocab_size, device),
+            token_masks=_token_masks(token_masks, vocab_size, device),
             top_k=tensor(top_k, torch.long),
             top_p=tensor(top_p),
             min_p=tensor(min_p),
@@ -340,20 +376,17 @@ def _adjust_(x: torch.Tensor, t: SamplingTensors):
     """Adjust float32 logits x in place for what applies to greedy rows too: logit_bias and the min_tokens
     mask first (as vLLM), then the grammar's token mask (after the bias, so no bias revives a banned token),
     then transformers' order: repetition penalty, presence/frequency penalties. Each touches only its entries.
-    Returns a function that puts x back as it was (None when nothing applied), so the raw logits the logprobs
-    describe need no [B, V] copy."""
+    Returns a function that puts back the entries the bias and penalties touched (None when there are none):
+    after it, x is raw wherever its token mask allows, which is all the chosen token's logprob needs (the
+    normaliser and top-n of a masked row are taken before, see sample)."""
     entries = [e for e in (t.additions, t.seen, t.output_counts) if e is not None]
-    if not entries and t.banned is None:
-        return None
     touched = (torch.cat([e[0] for e in entries]), torch.cat([e[1] for e in entries])) if entries else None
     saved = x[touched] if touched else None
-    saved_rows = [x[row].clone() for row in t.banned[0]] if t.banned is not None else None
     if t.additions is not None:
         rows, ids, values = t.additions
         x.index_put_((rows, ids), values, accumulate=True)
-    if t.banned is not None:  # row by row in place: no [R, V] gather and scatter
-        for row, banned in zip(*t.banned):
-            x[row].masked_fill_(banned, float("-inf"))
+    if t.token_masks is not None:
+        _apply_token_masks_(x, *t.token_masks)
     if t.seen is not None:
         rows, ids = t.seen  # distinct per row, so each entry is penalised once
         values, penalty = x[rows, ids], t.repetition_penalty[rows]
@@ -364,13 +397,9 @@ def _adjust_(x: torch.Tensor, t: SamplingTensors):
         x.index_put_((rows, ids), -t.presence_penalty[rows], accumulate=True)
 
     def undo():
-        if saved_rows is not None:
-            for row, values in zip(t.banned[0], saved_rows):
-                x[row].copy_(values)
-        if touched:
-            x[touched] = saved
+        x[touched] = saved
 
-    return undo
+    return undo if touched else None
 
 
 def _warp(x: torch.Tensor, temperature, top_k, top_p, min_p) -> torch.Tensor:
@@ -481,6 +510,7 @@ def sample(
     output_token_ids: list[list[int]],
     token_masks: list[bytes | None] | None = None,
     seen: list[SeenTokens | None] | None = None,
+    overwrite: bool = False,
 ) -> TokenLogprobs:
     """Pick one token per row of logits [B, V] (float32, or bf16/fp16, computed in float32).
 
@@ -492,12 +522,18 @@ def sample(
     min_tokens mask, the token mask, penalties, temperature and truncation (vLLM's default "raw_logprobs"):
     they describe the model, not the sampling knobs. `token_masks`: per row, a packed bitmask of the tokens
     it may take (structured outputs), or None. `seen`: per row, its kept SeenTokens (prompt and outputs), or None
-    to take them from the lists.
+    to take them from the lists. `overwrite`: the caller is done with logits, so a token mask may be applied to
+    them in place (else to a copy: a fresh [B, V] on CPU costs its page faults, ~4x the copy).
     """
     t = SamplingTensors.build(params, prompt_token_ids, output_token_ids, logits.shape[1], logits.device,
                               token_masks, seen)
     x = logits.float()  # adjusted in place (a bf16 input is copied here): the caller's logits are restored below
     x = x if x.is_contiguous() else x.contiguous()  # an expanded input's rows share memory
+    num_top = [p.logprobs for p in params]
+    raw = None
+    if t.token_masks is not None:  # a mask is not undone: x is a copy, and the logprobs' raw rows are read first
+        x = x.clone() if x is logits and not overwrite else x
+        raw = RawLogprobs.of(x, num_top)
     undo = _adjust_(x, t)
     token_ids, row_max = _argmax(x)  # first maximum, as argmax
     if not t.all_greedy:
@@ -506,8 +542,9 @@ def sample(
                                                                      t.keys)))
     if undo is not None:
         undo()
-    return TokenLogprobs.of(x, token_ids, [p.logprobs for p in params],
-                            _logsumexp(x, row_max if undo is None else None))
+    if raw is None:
+        raw = RawLogprobs.of(x, num_top, _logsumexp(x, row_max if undo is None else None))
+    return raw.choose(x, token_ids)
 
 
 def _take(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

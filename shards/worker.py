@@ -203,7 +203,7 @@ class ShardWorker:
             sampled = sample(logits, params, [s.prompt_token_ids for s in batch.sampling_seqs],
                              [s.output_token_ids for s in batch.sampling_seqs],
                              [s.token_mask for s in batch.sampling_seqs],
-                             [self.kept.seen(s.seq_id) for s in batch.sampling_seqs])
+                             [self.kept.seen(s.seq_id) for s in batch.sampling_seqs], overwrite=True)
             rows = sampled.to_lists([p.logprobs for p in params])
             out = {s.seq_id: dict(seq_id=s.seq_id, **row) for s, row in zip(batch.sampling_seqs, rows)}
         self.last_sample_s = self.clock.seconds(sampling, self.clock.mark())

@@ -360,9 +360,43 @@ def test_token_mask_bounds_greedy_and_sampled_rows_only():
     assert out.logprobs[0].item() == pytest.approx(logits[0].log_softmax(-1)[best].item())  # raw logprobs
 
 
+@pytest.mark.parametrize("row_by_row", [True, False])
+def test_token_masks_set_exactly_the_disallowed_logits_to_minus_inf(row_by_row):
+    """Both ways of applying packed masks (row by row on CPU, the whole batch elsewhere) leave allowed logits
+    bit for bit and make every other one -inf, the LM head's padding ids past the mask included."""
+    torch.manual_seed(3)
+    vocab, padded = 77, 80  # the mask covers 77 ids; the logits have 80 columns
+    x = torch.randn(4, padded)
+    allowed = {0: [0, 7, 8, 31, 32, 76], 2: list(range(0, 77, 3))}
+    t = SamplingTensors.build([SamplingParams()] * 4, [[]] * 4, [[]] * 4, padded, "cpu",
+                              [_packed(allowed[r], vocab) if r in allowed else None for r in range(4)])
+    out = x.clone()
+    sampling._apply_token_masks_(out, *t.token_masks, row_by_row=row_by_row)
+    for row in range(4):
+        keep = torch.zeros(padded, dtype=torch.bool)
+        keep[allowed.get(row, range(padded))] = True
+        assert torch.equal(out[row][keep], x[row][keep])
+        assert (out[row][~keep] == float("-inf")).all()
+
+
+def test_masked_sampling_leaves_the_logits_alone_unless_told_to_overwrite():
+    logits = torch.randn(2, 64)
+    before = logits.clone()
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.0, logprobs=3)]
+    masks = [_packed([5, 9], 64), _packed([1, 2, 3], 64)]
+    kept = sample(logits, params, [[]] * 2, [[]] * 2, masks)
+    assert torch.equal(logits, before)
+    overwritten = sample(logits, params, [[]] * 2, [[]] * 2, masks, overwrite=True)
+    assert torch.equal(kept.token_ids, overwritten.token_ids) and torch.equal(kept.logprobs, overwritten.logprobs)
+    # Logprobs describe the raw logits: the top-n is the whole row's, not the mask's.
+    assert (kept.top_ids[0] == 0).all() and torch.equal(kept.top_ids[1], before[1].topk(3).indices)
+    torch.testing.assert_close(kept.top_logprobs[1], before[1].log_softmax(-1).topk(3).values)
+    torch.testing.assert_close(kept.logprobs, before.log_softmax(-1).gather(1, kept.token_ids[:, None])[:, 0])
+
+
 def test_no_token_masks_build_no_tensor():
     t = SamplingTensors.build([SamplingParams()], [[]], [[]], 10, "cpu", [None])
-    assert t.banned is None
+    assert t.token_masks is None
 
 
 def _whole_vocabulary_draw(logits, params, prompts, outputs):
