@@ -173,8 +173,9 @@ def prefix_workloads(args, model_dir, threads: int, errors: list) -> dict:
 
 
 def structured_workloads(args, model_dir, threads: int, errors: list) -> dict:
-    """The offline mix with 0%, 25% and 100% of its requests constrained by a JSON schema, and the mean time a
-    step spent filling token masks (the engine loop's `mask` phase, per step that had any)."""
+    """The offline mix with 0%, 25% and 100% of its requests constrained by a JSON schema, the mean time a step
+    spent filling token masks (the engine loop's `mask` phase, per step that had any), and the mean execute
+    and driver sampling (token masks applied) time per step."""
     out = {"tp": args.tp[0]}
     mix = request_mix(args.requests, args.prompt_tokens, args.new_tokens, args.seed)
     extra = args.serve_args + " --no-enable-prefix-caching"  # the three runs share their prompts
@@ -184,10 +185,12 @@ def structured_workloads(args, model_dir, threads: int, errors: list) -> dict:
             before = steps.scrape(metrics)
             run = attempt(errors, f"structured {share:.0%}", lambda: asyncio.run(offline(target, mix, share)))
             d = steps.scrape(metrics) - before
-            masked = d["qwen2_step_phase_seconds_count{phase=mask}"]
+            masked, count = d["qwen2_step_phase_seconds_count{phase=mask}"], d["qwen2_batch_size_count"]
             out[f"{share:.2f}"] = run and run | {
-                "steps": d["qwen2_batch_size_count"], "masked_steps": masked,
-                "mask_ms_per_step": 1e3 * d["qwen2_step_phase_seconds_sum{phase=mask}"] / masked if masked else 0.0}
+                "steps": count, "masked_steps": masked,
+                "mask_ms_per_step": 1e3 * d["qwen2_step_phase_seconds_sum{phase=mask}"] / masked if masked else 0.0,
+                **{f"{phase}_ms_per_step": 1e3 * d[f"qwen2_step_phase_seconds_sum{{phase={phase}}}"] / count
+                   for phase in ("execute", "sample")}}
     return out
 
 
