@@ -28,13 +28,7 @@ from shards.quant import QuantConfig
 log = logging.getLogger(__name__)
 
 # Environment the ranks need to find each other; passed on to every actor when set here.
-PASSED_ENV = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "NCCL_DEBUG", "NCCL_IB_DISABLE", "NCCL_P2P_DISABLE",
-              "GLIBC_TUNABLES")
-# torch frees every CPU tensor, and glibc hands a freed block past its mmap threshold (or a trimmed heap top)
-# back to the OS: a rank then page-faults its large tensors in again every step (the batch-64 logits alone are
-# 39 MB: ~9,500 faults and 25-50 ms of kernel time a step on a 2-core VM). Ranks keep freed memory instead
-# (they run at their peak step's footprint anyway); a GLIBC_TUNABLES of the operator's own replaces this.
-RANK_MALLOC = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296"
+PASSED_ENV = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "NCCL_DEBUG", "NCCL_IB_DISABLE", "NCCL_P2P_DISABLE")
 
 
 # While a step runs longer than this, every rank is probed this often.
@@ -149,7 +143,7 @@ class Engine:
         self.init_ray()
         try:
             self.placement = await place_stages(tp, pp, c.device, c.cpus_per_rank, c.placement_timeout_s)
-            env = {"GLIBC_TUNABLES": RANK_MALLOC} | {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
+            env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
             remote = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(ShardActor)
             for rank in range(tp * pp):
                 strategy = PlacementGroupSchedulingStrategy(
@@ -157,7 +151,7 @@ class Engine:
                 )
                 self.actors.append(remote.options(
                     num_cpus=c.cpus_per_rank, num_gpus=1 if c.device == "cuda" else 0,
-                    scheduling_strategy=strategy, runtime_env={"env_vars": env},
+                    scheduling_strategy=strategy, runtime_env={"env_vars": env} if env else None,
                 ).remote(rank, tp, pp, c.device, int(c.cpus_per_rank)))
             init_method = await self.actors[0].rendezvous_address.remote(c.rendezvous_host)
             worker_args = dict(model_dir=c.model_dir, dtype=c.dtype, block_size=c.block_size,

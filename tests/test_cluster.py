@@ -7,7 +7,7 @@ import pytest
 import ray
 import torch
 
-from cluster.engine import RANK_MALLOC, Engine, EngineConfig, EngineError
+from cluster.engine import Engine, EngineConfig, EngineError
 from cluster.placement import PlacementError
 from tests.engine_scenarios import NEW_TOKENS, PROMPTS, engine_config, greedy, tables
 
@@ -40,16 +40,8 @@ def test_engine_matches_transformers(checkpoints, expected_greedy, tp, pp, compi
         assert (top - logprobs.topk(3, dim=-1).values).abs().max() <= 1e-4
 
 
-def _malloc_tunables(actor) -> str | None:
-    """Runs in a rank (via __ray_call__)."""
-    import os
-
-    return os.environ.get("GLIBC_TUNABLES")
-
-
 def test_steps_in_flight_overlap_and_keep_their_order(checkpoints, expected_greedy):
-    """PP=2 with two independent groups of sequences stepped concurrently (micro-batches in flight). Every rank
-    runs with the malloc settings that keep its freed memory (RANK_MALLOC)."""
+    """PP=2 with two independent groups of sequences stepped concurrently (micro-batches in flight)."""
 
     async def scenario():
         engine = Engine(engine_config(checkpoints["gqa-untied"], 1, 2))
@@ -58,14 +50,12 @@ def test_steps_in_flight_overlap_and_keep_their_order(checkpoints, expected_gree
             t = tables(len(PROMPTS), 8)
             first = greedy(engine.step, PROMPTS[:2], NEW_TOKENS, t[:2])
             second = greedy(engine.step, PROMPTS[2:], NEW_TOKENS, t[2:], first_id=2)
-            rows = sum(await asyncio.gather(first, second), [])
-            return rows, await asyncio.gather(*(a.__ray_call__.remote(_malloc_tunables) for a in engine.actors))
+            return sum(await asyncio.gather(first, second), [])
         finally:
             await engine.shutdown()
 
-    rows, tunables = asyncio.run(scenario())
+    rows = asyncio.run(scenario())
     assert [[r["token_id"] for r in seq] for seq in rows] == [tokens for tokens, _ in expected_greedy]
-    assert tunables == [RANK_MALLOC, RANK_MALLOC]
 
 
 def test_dead_rank_fails_the_step_in_bounded_time_and_a_restart_serves(checkpoints, expected_greedy):
