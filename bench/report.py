@@ -140,16 +140,17 @@ def _layout_figures(label: str, layout: dict) -> list[tuple[str, str]]:
     rows = []
     if "offline" in layout:
         o = layout["offline"]
-        rows.append((f"offline, {label} ({o['requests']} requests, {o['generated_tokens']:,} tokens)",
-                     f"{o['tokens_per_s']:,.1f} tok/s"))
+        rows.append((f"offline, {label} ({o['requests']} requests, {o['generated_tokens']:,} tokens); host steal",
+                     f"{o['tokens_per_s']:,.1f} tok/s; {o.get('steal_share', float('nan')):.1%}"))
     if "online" in layout:
         o = layout["online"]
         for name in ("ttft", "itl", "e2e"):
             rows.append((f"online, {label}, {o['rate_per_s']:.2f} req/s: {name.upper()} p50 / p99",
                          f"{_ms(o[name]['p50_ms'] / 1e3)} / {_ms(o[name]['p99_ms'] / 1e3)}"))
     for p in layout.get("decode", []):
-        rows.append((f"decode step, batch {p['batch']}, {label}: step / forward / floor ({p['floor']['bound']})",
-                     f"{_ms(p['step_s'])} / {_ms(p['forward_s'])} / {_ms(p['floor']['floor_s'])}"))
+        rows.append((f"decode step, batch {p['batch']}, {label}: step / forward / floor ({p['floor']['bound']}); "
+                     f"host steal", f"{_ms(p['step_s'])} / {_ms(p['forward_s'])} / {_ms(p['floor']['floor_s'])}; "
+                                    f"{p.get('steal_share', float('nan')):.1%}"))
         rows.append(("  outside the forward: schedule / execute - forward / detokenize / rest",
                      " / ".join(_ms(s) for s in (p["schedule_s"], p["execute_s"] - p["forward_s"],
                                                   p["detokenize_s"], p["step_s"] - p["schedule_s"]

@@ -14,7 +14,7 @@ from collections import Counter
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.workloads import params, request_mix
+from bench.workloads import cpu_ticks, params, request_mix, steal_share
 from qwen2_client import AsyncClient
 from shards.batch import SeqPlan
 from shards.sampling import SamplingParams
@@ -48,7 +48,7 @@ async def decode_step(target: str, metrics_url: str, batch: int, prompt_tokens: 
             # Stream 0 (first admitted, so first to finish) marks the window, right after a step's tokens.
             # Two marks only: tokens can still arrive between the second and the cancellation.
             if i == 0 and min(counts) > 0 and len(marks) < 2 and (not marks or counts[0] - marks[0][2] >= steps):
-                marks.append((time.perf_counter(), scrape(metrics_url), counts[0]))
+                marks.append((time.perf_counter(), scrape(metrics_url), counts[0], cpu_ticks()))
                 if len(marks) == 2:
                     done.set()
 
@@ -61,11 +61,12 @@ async def decode_step(target: str, metrics_url: str, batch: int, prompt_tokens: 
     if len(marks) < 2:
         errors = [e for e in ended if not isinstance(e, asyncio.CancelledError)]
         raise RuntimeError(f"decode probe at batch {batch} ended before {steps} steady steps: {errors[:1]}")
-    (t0, m0, n0), (t1, m1, n1) = marks
+    (t0, m0, n0, c0), (t1, m1, n1, c1) = marks
     period = (t1 - t0) / (n1 - n0)
     means = phase_means(m1 - m0)
     return {"batch": batch, "context": prompt_tokens + (n0 + n1) // 2, "step_s": period, **means,
-            "overhead_s": period - means["forward_s"], "overhead_share": 1 - means["forward_s"] / period}
+            "overhead_s": period - means["forward_s"], "overhead_share": 1 - means["forward_s"] / period,
+            "steal_share": steal_share(c0, c1)}
 
 
 async def prefill_step(target: str, metrics_url: str, tokens: int) -> dict:

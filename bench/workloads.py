@@ -22,6 +22,17 @@ class Request:
     max_new_tokens: int
 
 
+def cpu_ticks() -> tuple[int, int]:
+    """(steal, total) CPU ticks of this machine since boot (Linux /proc/stat). On a shared VM the host takes time
+    back as steal; over a measured window it moved our step times by up to 1.6x, so every window reports it."""
+    fields = open("/proc/stat").readline().split()[1:]
+    return int(fields[7]), sum(map(int, fields))
+
+
+def steal_share(before: tuple[int, int], after: tuple[int, int]) -> float:
+    return (after[0] - before[0]) / max(1, after[1] - before[1])
+
+
 def request_mix(n: int, prompt_tokens: tuple[int, int], new_tokens: tuple[int, int], seed: int = 0) -> list[Request]:
     """`n` requests, prompt lengths and max_new_tokens uniform in the (inclusive) ranges."""
     rng = random.Random(seed)
@@ -46,14 +57,14 @@ async def offline(target: str, requests: list[Request], constrained: float = 0.0
     `constrained` share of them (every 1/share-th) must match SCHEMA."""
     every = round(1 / constrained) if constrained else 0
     async with AsyncClient(target) as client:
-        began = time.perf_counter()
+        began, ticks = time.perf_counter(), cpu_ticks()
         results = await asyncio.gather(*(client.generate(**params(r), **(
             {"json_schema": SCHEMA} if every and i % every == 0 else {})) for i, r in enumerate(requests)))
-        wall = time.perf_counter() - began
+        wall, steal = time.perf_counter() - began, steal_share(ticks, cpu_ticks())
     generated = sum(len(res.token_ids) for res in results)
     return {"requests": len(requests), "prompt_tokens": sum(len(r.prompt) for r in requests),
             "requested_tokens": sum(r.max_new_tokens for r in requests), "generated_tokens": generated,
-            "wall_s": wall, "tokens_per_s": generated / wall, "constrained": constrained}
+            "wall_s": wall, "tokens_per_s": generated / wall, "constrained": constrained, "steal_share": steal}
 
 
 def percentiles(values: list[float]) -> dict:
