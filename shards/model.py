@@ -147,6 +147,11 @@ class Qwen2Stage(nn.Module):
         logits = self.lm_head.logits(hidden)
         return None if logits is None else logits.float()
 
+    def greedy(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(argmax ids, their logits, log-sum-exp) of these rows on the driver rank, None on other ranks, with no
+        logits made (VocabParallelEmbedding.greedy; every TP rank of the last stage must call it)."""
+        return self.lm_head.greedy(hidden)
+
     def pool_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 outputs [rows, labels] of the checkpoint's pooling head on these rows (any TP rank: it is
         replicated, no collective)."""

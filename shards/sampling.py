@@ -51,6 +51,12 @@ class TokenLogprobs:
         """Logprobs of the raw logits [B, V] at token_ids [B] (see RawLogprobs)."""
         return RawLogprobs.of(logits, num_top).choose(logits, token_ids)
 
+    @classmethod
+    def argmax(cls, token_ids: torch.Tensor, logits: torch.Tensor, lse: torch.Tensor) -> "TokenLogprobs":
+        """Greedy rows reduced in the LM head (see plain_greedy): their ids, logits and log-sum-exps."""
+        none = torch.zeros(len(token_ids), 0, device=token_ids.device)
+        return cls(token_ids, logits - lse, none.long(), none)
+
     def to_lists(self, num_top: list[int]) -> list[dict]:
         """Plain Python per row, top-N trimmed to that row's own num_top: one device-to-host copy of every
         field packed as float64 (exact for token ids and float32 logprobs)."""
@@ -90,6 +96,14 @@ class RawLogprobs:
         """The logprobs of token_ids [B], whose raw logits are these (logits raw at least there)."""
         chosen = logits.gather(1, token_ids[:, None]).squeeze(1).float() - self.lse
         return TokenLogprobs(token_ids, chosen, self.top_ids, self.top_logprobs)
+
+
+def plain_greedy(params: list[SamplingParams], token_masks: list[bytes | None]) -> bool:
+    """Whether every row takes the argmax of its raw logits and wants only that token's logprob: then the LM head
+    can reduce the rows as it makes them (VocabParallelEmbedding.greedy) and nothing here runs."""
+    return all(p.temperature < GREEDY_BELOW and p.logprobs == 0 and not p.logit_bias and p.min_tokens == 0
+               and p.repetition_penalty == 1.0 and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
+               for p in params) and all(m is None for m in token_masks)
 
 
 # On CPU a row-wise reduction over 151,936 logits is memory-bound: these column chunks keep the exp pass of

@@ -17,7 +17,7 @@ from shards.loader import load_weights
 from shards.model import Qwen2Stage
 from shards.parallel import ParallelGroups, recv_from_prev_stage, send_to_next_stage
 from shards.quant import QuantConfig
-from shards.sampling import SamplingParams, TokenLogprobs, sample
+from shards.sampling import SamplingParams, TokenLogprobs, plain_greedy, sample
 
 PROMPT_LOGPROB_ROWS = 256  # 256 rows of a 152K vocabulary: 156 MB of float32 logits
 
@@ -192,18 +192,21 @@ class ShardWorker:
         hidden, batch = self._hidden(seqs, forget)
         if hidden is None:
             return None
-        # Every TP rank of the last stage gathers the vocabulary (a collective), whether it samples or not.
-        logits = None if self.model.lm_head is None else self.model.logits(hidden[batch.sample_rows])
+        params = [s.sampling for s in batch.sampling_seqs]
+        # Plain greedy rows are reduced inside the LM head (no logits made); the plans decide it, so every TP rank
+        # of the last stage agrees, and each takes part in the head's collective, whether it samples or not.
+        greedy = bool(params) and plain_greedy(params, [s.token_mask for s in batch.sampling_seqs])
+        head = None if self.model.lm_head is None else (self.model.greedy if greedy else self.model.logits)(
+            hidden[batch.sample_rows])
         prompt = self._prompt_logprobs(hidden, batch)
         if not self.groups.is_driver:
             return None
         out, sampling = {}, self.clock.mark()
         if batch.sampling_seqs:
-            params = [s.sampling for s in batch.sampling_seqs]
-            sampled = sample(logits, params, [s.prompt_token_ids for s in batch.sampling_seqs],
-                             [s.output_token_ids for s in batch.sampling_seqs],
-                             [s.token_mask for s in batch.sampling_seqs],
-                             [self.kept.seen(s.seq_id) for s in batch.sampling_seqs], overwrite=True)
+            sampled = TokenLogprobs.argmax(*head) if greedy else sample(
+                head, params, [s.prompt_token_ids for s in batch.sampling_seqs],
+                [s.output_token_ids for s in batch.sampling_seqs], [s.token_mask for s in batch.sampling_seqs],
+                [self.kept.seen(s.seq_id) for s in batch.sampling_seqs], overwrite=True)
             rows = sampled.to_lists([p.logprobs for p in params])
             out = {s.seq_id: dict(seq_id=s.seq_id, **row) for s, row in zip(batch.sampling_seqs, rows)}
         self.last_sample_s = self.clock.seconds(sampling, self.clock.mark())

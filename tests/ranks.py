@@ -5,6 +5,7 @@ import torch.distributed as dist
 
 from shards import parallel
 from shards.batch import SeqPlan
+from shards.layers import VocabParallelEmbedding
 from shards.parallel import init_groups
 from shards.sampling import SamplingParams
 from shards.worker import ShardWorker
@@ -57,24 +58,27 @@ def teacher_forced(worker, prompts, continuations, variants):
 
 
 def greedy_generate(rank, world, model_dir, tp, pp, prompts, new_tokens):
-    """Batched greedy generation through `execute` (sampling on the driver, tokens fed back to all ranks)."""
+    """Batched greedy generation through `execute` (sampling on the driver, tokens fed back to all ranks):
+    (tokens, their logprobs) per prompt on the driver."""
     groups = init_groups(tp, pp)
     worker = ShardWorker(model_dir, groups, num_kv_blocks=128, block_size=BLOCK_SIZE)
     tables = block_tables(len(prompts), 32)
     greedy = SamplingParams(temperature=0.0)
-    outputs = [[] for _ in prompts]
+    outputs, logprobs = [[] for _ in prompts], [[] for _ in prompts]
     plan = [SeqPlan(i, p, 0, tables[i], 0, greedy) for i, p in enumerate(prompts)]
     for _ in range(new_tokens):
         results = worker.execute(plan)
         tokens = torch.zeros(len(prompts), dtype=torch.long)
         if groups.is_driver:
             tokens = torch.tensor([r["token_id"] for r in results])
+            for i, r in enumerate(results):
+                logprobs[i].append(r["logprob"])
         dist.broadcast(tokens, src=groups.pp_size * groups.tp_size - groups.tp_size)  # the driver's global rank
         for i, t in enumerate(tokens.tolist()):
             outputs[i].append(t)
         plan = [SeqPlan(i, [outputs[i][-1]], len(prompts[i]) + len(outputs[i]) - 1, tables[i], 0, greedy,
                         output_token_ids=list(outputs[i])) for i in range(len(prompts))]
-    return outputs if groups.is_driver else None
+    return list(zip(outputs, logprobs)) if groups.is_driver else None
 
 
 def count_collectives(rank, world, model_dir, tp, pp, prompts):
@@ -111,3 +115,16 @@ def pooled_parts(rank, world, model_dirs, tp, pp, steps):
                 parts.setdefault(row["seq_id"], []).append(row["pooled"])
         out.append(parts)
     return out if groups.is_driver else None
+
+
+def lm_head_greedy(rank, world, vocab, hidden, rows, group_elements):
+    """The vocab-parallel LM head over `world` TP ranks on one seeded weight: its greedy reduction and its full
+    logits, on rank 0 (None elsewhere)."""
+    generator = torch.Generator().manual_seed(5)
+    weight, x = torch.randn(vocab, hidden, generator=generator), torch.randn(rows, hidden, generator=generator)
+    x[1] = 0  # every logit 0: a tie across the whole vocabulary and every rank
+    head = VocabParallelEmbedding(vocab, hidden, init_groups(world, 1))
+    head._load(head.weight, weight)
+    head.GREEDY_ELEMENTS = group_elements
+    greedy, logits = head.greedy(x), head.logits(x)
+    return None if logits is None else (*greedy, logits)

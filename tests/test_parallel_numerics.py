@@ -58,10 +58,26 @@ def test_greedy_generation_matches_transformers_generate(checkpoints, tp, pp):
     prompts = random_tokens(1003, [9, 4, 15], seed=3)
     ours = run_ranks(ranks.greedy_generate, tp * pp, str(model_dir), tp, pp, prompts, 32)[(pp - 1) * tp]
     model = reference(model_dir)
-    for prompt, generated in zip(prompts, ours):
-        expected = model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
-                                  eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
-        assert generated == expected
+    for prompt, (generated, logprobs) in zip(prompts, ours):
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, eos_token_id=None,
+                             pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+        assert generated == out.sequences[0, len(prompt):].tolist()
+        # Plain greedy: the logprobs come from the LM head's own reduction (no logits made).
+        expected = torch.cat(out.logits).float().log_softmax(-1)[range(len(generated)), generated]
+        assert (torch.tensor(logprobs) - expected).abs().max() <= TOLERANCE
+
+
+@pytest.mark.parametrize("tp", [1, 2, 3])
+def test_lm_head_greedy_reduction_equals_argmax_and_logsumexp_of_its_logits(tp):
+    """Plain greedy rows are reduced inside the LM head, group of vocabulary blocks by group, ranks combined from
+    three numbers a row: the same first-maximum ids, the max logit and the log-sum-exp of the gathered logits.
+    The vocabulary (5,003) splits unevenly, leaves short last blocks and TP padding ids; groups of 1 block."""
+    vocab, hidden, rows = 5003, 16, 4
+    ids, top, lse, logits = run_ranks(ranks.lm_head_greedy, tp, vocab, hidden, rows, 2048 * rows)[0]
+    assert logits.shape == (rows, vocab)
+    assert torch.equal(ids, logits.argmax(dim=-1)) and ids[1] == 0  # the all-zero row: the first id
+    torch.testing.assert_close(top, logits.amax(dim=-1), atol=0, rtol=0)
+    torch.testing.assert_close(lse, logits.logsumexp(dim=-1), atol=1e-5, rtol=1e-6)
 
 
 @pytest.mark.parametrize("tp,pp", [(2, 1), (2, 2), (4, 1)])
