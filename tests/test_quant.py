@@ -4,6 +4,7 @@ unpacking against values packed by hand from each format's definition, and the s
 transformers' Qwen2 on the same dequantized weights at several TP x PP layouts."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -368,16 +369,18 @@ PEAK_SCRIPT = textwrap.dedent("""
 
 def test_nf4_load_peak_memory_stays_near_the_quantized_shard(tmp_path):
     """bench-cpu's body (96 MiB float32, vocabulary cut to 1,003): the rank holds 20 MiB (4-bit linears, float
-    embeddings and norms) and its anonymous memory peaks near 57 MiB (the slice in flight and the quantizer's
-    float32 temporaries, allocator slack), never near the float weights."""
+    embeddings and norms) and its anonymous memory peaks near 30 MiB (the slice in flight and the quantizer's
+    float32 temporaries), never near the float weights. The child runs with a fixed malloc mmap threshold, so
+    freed large blocks go back to the OS and RssAnon is live memory: with glibc's sliding threshold the peak
+    also counted allocator slack and ranged 36-73 MiB from run to run."""
     config = preset_config("bench-cpu") | {"vocab_size": 1003}
     model_dir = write_random_checkpoint(tmp_path, config, max_shard_bytes=50 * 2**20)
     out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(model_dir)], capture_output=True, text=True,
-                         check=True)
+                         check=True, env=dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(128 * 2**10)))
     m = json.loads(out.stdout.strip().splitlines()[-1])
     print({k: f"{v / 2**20:.1f} MiB" for k, v in m.items()})
     assert m["held"] < m["read"] / 4  # 4-bit linears: ~1/7.5 of float32; the embeddings stay float
-    assert m["anon"] < 0.75 * m["read"]
+    assert m["anon"] < 0.5 * m["read"]
 
 
 def test_served_quantized_checkpoints_report_their_format_and_generate_as_transformers(tmp_path):
