@@ -20,7 +20,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.actor import CONCURRENCY_GROUPS, ShardActor
 from cluster.channel import StepChannel
-from cluster.placement import place_stages, release
+from cluster.placement import all_of, place_stages, release
 from shards.batch import SeqPlan
 from shards.config import Qwen2Config
 from shards.quant import QuantConfig
@@ -253,8 +253,7 @@ class Engine:
         """EngineError if a rank died (a plain call each; ranks answer it on a thread beside the step). During
         a step a probe that times out alone is no verdict: the step's own timeout is."""
         try:
-            await asyncio.wait_for(asyncio.gather(*(a.node_id.remote() for a in self.actors)),
-                                   self.config.probe_timeout_s)
+            await asyncio.wait_for(all_of(a.node_id.remote() for a in self.actors), self.config.probe_timeout_s)
         except asyncio.TimeoutError:
             if during_step:
                 log.warning("a rank left a liveness probe unanswered for %gs during a step; waiting for the step "

@@ -33,12 +33,19 @@ def _cpu_gpu(resources: dict) -> dict:
     return {k: resources[k] for k in ("CPU", "GPU") if k in resources}
 
 
+async def all_of(awaitables) -> list:
+    """asyncio.gather inside a coroutine, for wait_for: cancelled around a bare gather, wait_for leaves the
+    gather's CancelledError unretrieved and asyncio logs it as an error with a traceback (a SIGTERM while the
+    engine started did); a task retrieves it."""
+    return await asyncio.gather(*awaitables)
+
+
 async def place_stages(tp: int, pp: int, device: str, cpus_per_rank: float, timeout_s: float) -> list[PlacementGroup]:
     """One ready placement group per stage, or PlacementError within `timeout_s`."""
     bundle = rank_bundle(device, cpus_per_rank)
     groups = [placement_group([dict(bundle) for _ in range(tp)], strategy="STRICT_PACK") for _ in range(pp)]
     try:
-        await asyncio.wait_for(asyncio.gather(*(g.ready() for g in groups)), timeout_s)
+        await asyncio.wait_for(all_of(g.ready() for g in groups), timeout_s)
     except asyncio.TimeoutError:
         for g in groups:
             remove_placement_group(g)
