@@ -33,6 +33,14 @@ def copy_into(dest: torch.Tensor, part: torch.Tensor) -> int:
     return part.numel() * part.element_size()
 
 
+ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def onednn_packing() -> bool:
+    """Whether this torch can keep a linear's weight in oneDNN's blocked layout (its inductor's CPU prepacking)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
 def _parameter(shape, loader, dtype) -> nn.Parameter:
     param = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
     param.weight_loader = loader
@@ -205,29 +213,43 @@ class RowParallelLinear(nn.Module):
 
 class VocabParallelEmbedding(nn.Module):
     """Tokens of the (padded) vocabulary split over TP ranks. The vocabulary is padded to a multiple of
-    tp_size; padding tokens' vectors are zero. Also serves as the LM head (`logits`), tied or not.
+    tp_size; padding tokens' vectors are zero. Also serves as the LM head (`logits`, `greedy`), tied or not.
 
     `weight` holds this rank's vocabulary as column blocks, [blocks, hidden, VOCAB_BLOCK] (the last block
     zero-padded), so the LM head is one batched matmul of small [hidden, VOCAB_BLOCK] panels. On CPU MKL
     runs that well faster than one `x @ W.T` at decode batch sizes, where the 151,936-wide LM head
     dominates a small Qwen2's step (bench-cpu on 2 cores, whole decode step: 76 -> 53 ms at batch 8,
-    139 -> 119 ms at batch 32)."""
+    139 -> 119 ms at batch 32), and it is the fastest layout for one row (a GEMV streaming the weight).
+
+    On CPU an LM head (`lm_head=True`) also keeps its vocabulary in oneDNN's blocked layout, PACK_ROWS tokens a
+    panel, packed once at load: a matmul then skips repacking the weight on every call, which at M = 2..64 rows
+    is as much work as the multiply itself. bench-cpu's LM head, float32, 2 cores: 45 -> 26 ms at 8 rows,
+    138 -> 76 ms at 64; one row stays on the GEMV (13 ms; oneDNN's is 20). It costs a second copy of the
+    head's weight in memory."""
 
     VOCAB_BLOCK = 2048
+    PACK_ROWS = 16384  # fewer, larger panels cost fewer small ops; 4,096-32,768 measured, 16,384 best
 
-    def __init__(self, vocab_size: int, hidden: int, groups: ParallelGroups, dtype=torch.float32):
+    def __init__(self, vocab_size: int, hidden: int, groups: ParallelGroups, dtype=torch.float32,
+                 lm_head: bool = False):
         super().__init__()
         self.groups, self.vocab_size, self.hidden = groups, vocab_size, hidden
         self.local = -(-vocab_size // groups.tp_size)
         self.first = groups.tp_rank * self.local
+        self.real = max(0, min(self.local, vocab_size - self.first))  # this rank's ids below vocab_size
         self.weight = _parameter((-(-self.local // self.VOCAB_BLOCK), hidden, self.VOCAB_BLOCK), self._load, dtype)
+        self.pack = lm_head and self.weight.device.type == "cpu" and dtype in ONEDNN_DTYPES and onednn_packing()
+        self.panels: list[torch.Tensor] = []  # oneDNN-packed [PACK_ROWS, hidden] slices of the real vocabulary
 
     def _load(self, param, source, shard_id=None):
-        rows = max(0, min(self.local, self.vocab_size - self.first))
-        part = read_slice(source, (self.vocab_size, self.hidden), 0, self.first, rows)
+        part = read_slice(source, (self.vocab_size, self.hidden), 0, self.first, self.real)
         param.data.zero_()
-        for block, first in enumerate(range(0, rows, self.VOCAB_BLOCK)):
-            param.data[block].t()[: min(self.VOCAB_BLOCK, rows - first)].copy_(part[first : first + self.VOCAB_BLOCK])
+        for block, first in enumerate(range(0, self.real, self.VOCAB_BLOCK)):
+            param.data[block].t()[: min(self.VOCAB_BLOCK, self.real - first)].copy_(part[first : first + self.VOCAB_BLOCK])
+        if self.pack:
+            part = part.to(param.dtype)
+            self.panels = [torch.ops.mkldnn._reorder_linear_weight(part[first : first + self.PACK_ROWS].contiguous(), 64)
+                           for first in range(0, self.real, self.PACK_ROWS)]
         return part.numel() * part.element_size()
 
     def _vectors(self, local_ids: torch.Tensor) -> torch.Tensor:
@@ -242,47 +264,65 @@ class VocabParallelEmbedding(nn.Module):
         x = self._vectors(local_ids.masked_fill(outside, 0))
         return all_reduce(x.masked_fill(outside[:, None], 0), self.groups)
 
+    # On CPU the block layout's logits are made and reduced this many at a time (4 MB: the reductions read what
+    # the matmul just wrote from cache; smaller groups make the matmul itself slower). Batch 64 at bench-cpu's
+    # vocabulary, LM head and greedy sampling: 161.8 -> 144.5 ms.
+    GREEDY_ELEMENTS = 2**20
+
+    ARGMAX_WIDTH = 128  # oneDNN panels are reduced as runs of this many ids: argmax over whole rows is slow
+
+    def _pieces(self, x: torch.Tensor):
+        """This rank's logits of the real vocabulary, a piece at a time, in order: (its first local id, logits
+        [rows, runs, width]: `runs` runs of `width` consecutive ids each; a view, maybe strided)."""
+        rows, block = x.shape[0], self.VOCAB_BLOCK
+        if self.panels and rows > 1:
+            for i, panel in enumerate(self.panels):
+                out, first = torch.ops.mkldnn._linear_pointwise(x, panel, None, "none", [], ""), i * self.PACK_ROWS
+                runs, rest = divmod(out.shape[1], self.ARGMAX_WIDTH)
+                if runs:
+                    yield first, out[:, : runs * self.ARGMAX_WIDTH].view(rows, runs, self.ARGMAX_WIDTH)
+                if rest:
+                    yield first + runs * self.ARGMAX_WIDTH, out[:, runs * self.ARGMAX_WIDTH :, None].transpose(1, 2)
+            return
+        full, rest = divmod(self.real, block)
+        group = max(1, self.GREEDY_ELEMENTS // max(1, rows * block)) if x.device.type == "cpu" else max(1, full)
+        for first in range(0, full, group):
+            last = min(first + group, full)
+            yield first * block, torch.bmm(x.expand(last - first, rows, self.hidden), self.weight[first:last]).transpose(0, 1)
+        if rest:  # the short last block, alone
+            yield full * block, (x @ self.weight[full, :, :rest])[:, None]
+
     def logits(self, x: torch.Tensor) -> torch.Tensor | None:
         """Full-vocabulary logits on TP rank 0 (None elsewhere), padding columns dropped."""
-        rows, (full, rest) = x.shape[0], divmod(self.local, self.VOCAB_BLOCK)
+        rows = x.shape[0]
         local = torch.empty(rows, self.local, dtype=x.dtype, device=x.device)  # written once, contiguous
-        blocks = torch.bmm(x.expand(full, rows, self.hidden), self.weight[:full])  # [full, rows, VOCAB_BLOCK]
-        local[:, : full * self.VOCAB_BLOCK].view(rows, full, self.VOCAB_BLOCK).copy_(blocks.transpose(0, 1))
-        if rest:
-            local[:, full * self.VOCAB_BLOCK :] = x @ self.weight[full, :, :rest]
+        for first, piece in self._pieces(x):
+            _, runs, width = piece.shape
+            local[:, first : first + runs * width].view(rows, runs, width).copy_(piece)
+        local[:, self.real :] = 0  # TP padding ids
         full_vocab = gather_last_dim(local, self.groups)
         return None if full_vocab is None else full_vocab[:, : self.vocab_size]
 
-    # On CPU greedy rows are reduced this many logits at a time (4 MB: the reductions read what the matmul just
-    # wrote from cache; smaller groups make the matmul itself slower). Batch 64 at bench-cpu's vocabulary, LM head
-    # and greedy sampling: 161.8 -> 144.5 ms.
-    GREEDY_ELEMENTS = 2**20
-
     def greedy(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """(token ids, their logits, log-sum-exp) of each row's argmax over the whole vocabulary (the first
-        maximum, as argmax), on TP rank 0 (None elsewhere), with no [rows, vocab] logits made: each group of
-        vocabulary blocks is reduced as it comes out of the matmul, and TP ranks send rank 0 three numbers a
+        maximum, as argmax), on TP rank 0 (None elsewhere), with no [rows, vocab] logits made: each piece of
+        the vocabulary is reduced as it comes out of the matmul, and TP ranks send rank 0 three numbers a
         row instead of their slice of the logits."""
-        rows, block = x.shape[0], self.VOCAB_BLOCK
-        full, rest = divmod(max(0, min(self.local, self.vocab_size - self.first)), block)  # no padding ids
-        group = max(1, self.GREEDY_ELEMENTS // (rows * block)) if x.device.type == "cpu" else max(1, full)
+        rows = x.shape[0]
         best = torch.full((rows,), float("-inf"), device=x.device)
         best_ids = torch.zeros(rows, dtype=torch.long, device=x.device)
         total = torch.zeros(rows, device=x.device)  # sum of exp(logit - best)
         every_row = torch.arange(rows, device=x.device)
-        for first in [*range(0, full, group), *([full] if rest else [])]:
-            if first < full:
-                last = min(first + group, full)
-                logits = torch.bmm(x.expand(last - first, rows, self.hidden), self.weight[first:last]).float()
-            else:  # the short last block, alone
-                logits = (x @ self.weight[full, :, :rest]).float()[None]
-            maxima = logits.amax(dim=2)  # [blocks, rows]
-            top, where = maxima.max(dim=0)  # the first block holding each row's maximum
-            cols = logits[where, every_row].argmax(dim=1)
-            better = top > best  # strictly: an earlier group keeps a tie
-            best_ids = torch.where(better, self.first + (first + where) * block + cols, best_ids)
+        for first, logits in self._pieces(x):
+            logits = logits.float()
+            maxima = logits.amax(dim=2)  # [rows, runs]
+            where = maxima.argmax(dim=1)  # the first run holding each row's maximum
+            top = maxima[every_row, where]
+            cols = logits[every_row, where].argmax(dim=1)
+            better = top > best  # strictly: an earlier piece keeps a tie
+            best_ids = torch.where(better, self.first + first + where * logits.shape[2] + cols, best_ids)
             peak = torch.maximum(best, top)
-            part = logits.sub_(top[None, :, None]).exp_().sum(dim=(0, 2))
+            part = logits.sub_(top[:, None, None]).exp_().sum(dim=(1, 2))
             total = total * (best - peak).exp() + part * (top - peak).exp()
             best = peak
         stats = gather_last_dim(torch.stack([best, best_ids.float(), total], dim=1), self.groups)  # ids < 2^24

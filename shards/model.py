@@ -114,8 +114,10 @@ class Qwen2Stage(nn.Module):
         self.layer_range = partition_layers(config.num_hidden_layers, groups.pp_size)[groups.pp_rank]
         vocab, hidden, dt = config.vocab_size, config.hidden_size, config.dtype
         ops = load_ops(torch.get_default_device())  # built under `with device`
+        generates = groups.is_last_stage and "generate" in config.tasks
+        tied_here = generates and config.tie_word_embeddings and groups.is_first_stage
         if groups.is_first_stage:
-            self.embed_tokens = VocabParallelEmbedding(vocab, hidden, groups, dt)
+            self.embed_tokens = VocabParallelEmbedding(vocab, hidden, groups, dt, lm_head=tied_here)
         self.layers = nn.ModuleList(
             DecoderLayer(config, config.sliding_windows[i], groups, attention_backend, ops, linear_method(quant))
             for i in self.layer_range
@@ -124,9 +126,8 @@ class Qwen2Stage(nn.Module):
         self.lm_head = self.head = None
         if groups.is_last_stage:
             self.norm = RMSNorm(hidden, config.rms_norm_eps, dt, ops)
-            if "generate" in config.tasks:
-                tied_here = config.tie_word_embeddings and groups.is_first_stage
-                self.lm_head = self.embed_tokens if tied_here else VocabParallelEmbedding(vocab, hidden, groups, dt)
+            if generates:
+                self.lm_head = self.embed_tokens if tied_here else VocabParallelEmbedding(vocab, hidden, groups, dt, True)
             if config.architecture in HEADS:
                 name, outputs, bias = HEADS[config.architecture]
                 bias = bias and config.raw.get("token_classification_bias", True)

@@ -117,14 +117,15 @@ def pooled_parts(rank, world, model_dirs, tp, pp, steps):
     return out if groups.is_driver else None
 
 
-def lm_head_greedy(rank, world, vocab, hidden, rows, group_elements):
+def lm_head_greedy(rank, world, vocab, hidden, rows, group_elements, pack_rows):
     """The vocab-parallel LM head over `world` TP ranks on one seeded weight: its greedy reduction and its full
-    logits, on rank 0 (None elsewhere)."""
+    logits, on rank 0 (None elsewhere). `pack_rows`: oneDNN panels of that many tokens; None: the block layout."""
     generator = torch.Generator().manual_seed(5)
     weight, x = torch.randn(vocab, hidden, generator=generator), torch.randn(rows, hidden, generator=generator)
     x[1] = 0  # every logit 0: a tie across the whole vocabulary and every rank
-    head = VocabParallelEmbedding(vocab, hidden, init_groups(world, 1))
+    head = VocabParallelEmbedding(vocab, hidden, init_groups(world, 1), lm_head=pack_rows is not None)
+    head.PACK_ROWS, head.GREEDY_ELEMENTS = pack_rows, group_elements
     head._load(head.weight, weight)
-    head.GREEDY_ELEMENTS = group_elements
+    assert bool(head.panels) == (pack_rows is not None)
     greedy, logits = head.greedy(x), head.logits(x)
     return None if logits is None else (*greedy, logits)

@@ -67,14 +67,19 @@ def test_greedy_generation_matches_transformers_generate(checkpoints, tp, pp):
         assert (torch.tensor(logprobs) - expected).abs().max() <= TOLERANCE
 
 
-@pytest.mark.parametrize("tp", [1, 2, 3])
-def test_lm_head_greedy_reduction_equals_argmax_and_logsumexp_of_its_logits(tp):
-    """Plain greedy rows are reduced inside the LM head, group of vocabulary blocks by group, ranks combined from
+@pytest.mark.parametrize("tp,pack_rows", [(1, None), (2, None), (3, None), (1, 700), (3, 700)])
+def test_lm_head_greedy_reduction_equals_argmax_and_logsumexp_of_its_logits(tp, pack_rows):
+    """Plain greedy rows are reduced inside the LM head, piece of the vocabulary by piece, ranks combined from
     three numbers a row: the same first-maximum ids, the max logit and the log-sum-exp of the gathered logits.
-    The vocabulary (5,003) splits unevenly, leaves short last blocks and TP padding ids; groups of 1 block."""
+    The vocabulary (5,003) splits unevenly, leaves short last blocks / panels and TP padding ids; groups of 1
+    block in the block layout, 700-token panels in oneDNN's."""
     vocab, hidden, rows = 5003, 16, 4
-    ids, top, lse, logits = run_ranks(ranks.lm_head_greedy, tp, vocab, hidden, rows, 2048 * rows)[0]
+    ids, top, lse, logits = run_ranks(ranks.lm_head_greedy, tp, vocab, hidden, rows, 2048 * rows, pack_rows)[0]
     assert logits.shape == (rows, vocab)
+    generator = torch.Generator().manual_seed(5)  # the ranks' weight and rows
+    weight, x = torch.randn(vocab, hidden, generator=generator), torch.randn(rows, hidden, generator=generator)
+    x[1] = 0
+    torch.testing.assert_close(logits, x @ weight.T, atol=1e-5, rtol=1e-5)
     assert torch.equal(ids, logits.argmax(dim=-1)) and ids[1] == 0  # the all-zero row: the first id
     torch.testing.assert_close(top, logits.amax(dim=-1), atol=0, rtol=0)
     torch.testing.assert_close(lse, logits.logsumexp(dim=-1), atol=1e-5, rtol=1e-6)
