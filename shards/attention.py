@@ -31,6 +31,16 @@ def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch
     cache[1].view(kv_heads, -1, head_dim).index_copy_(1, slots, v.transpose(0, 1))
 
 
+def gather_blocks(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """`cache[:, tables]` ([kv_heads, *tables.shape, block_size, head_dim]) as one index_select of whole
+    blocks: advanced indexing copies element by element, 3.5x slower on CPU (64 sequences x 9 blocks, one
+    layer's keys: 940 -> 272 us)."""
+    kv_heads, num_blocks = cache.shape[:2]
+    offsets = torch.arange(0, kv_heads * num_blocks, num_blocks, device=tables.device)[:, None]
+    blocks = cache.view(kv_heads * num_blocks, -1).index_select(0, (tables.reshape(1, -1) + offsets).reshape(-1))
+    return blocks.view(kv_heads, *tables.shape, *cache.shape[2:])
+
+
 def _visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
     """Causal (and sliding-window) visibility of key positions for query positions, broadcast."""
     allowed = k_pos <= q_pos
@@ -50,8 +60,8 @@ def torch_paged_attention(q, cache, batch: StepBatch, scale: float, window: int 
     k_cache, v_cache = cache[0], cache[1]
     for p in batch.prefills:
         ctx = p.start + p.count
-        k = k_cache[:, p.block_table].flatten(1, 2)[None, :, :ctx]  # [1, kv_heads, ctx, head_dim]
-        v = v_cache[:, p.block_table].flatten(1, 2)[None, :, :ctx]
+        k = gather_blocks(k_cache, p.block_table).flatten(1, 2)[None, :, :ctx]  # [1, kv_heads, ctx, head_dim]
+        v = gather_blocks(v_cache, p.block_table).flatten(1, 2)[None, :, :ctx]
         qs = q[p.first : p.first + p.count].transpose(0, 1)[None]
         if p.start == 0 and window is None:  # fused causal kernel: no mask materialised at all
             o = F.scaled_dot_product_attention(qs, k, v, is_causal=True, scale=scale, enable_gqa=True)
@@ -69,8 +79,8 @@ def torch_paged_attention(q, cache, batch: StepBatch, scale: float, window: int 
     if batch.decode_rows.numel():
         rows, lens, tables = batch.decode_rows, batch.decode_context_lens, batch.decode_block_tables
         kv_heads, (seqs, heads, head_dim) = k_cache.shape[0], q[rows].shape
-        k = k_cache[:, tables].flatten(2, 3)  # [kv_heads, D, L, head_dim]
-        v = v_cache[:, tables].flatten(2, 3)
+        k = gather_blocks(k_cache, tables).flatten(2, 3)  # [kv_heads, D, L, head_dim]
+        v = gather_blocks(v_cache, tables).flatten(2, 3)
         k_pos = torch.arange(k.shape[2], device=q.device)[None, :]
         mask = _visible((lens - 1)[:, None], k_pos, window)  # the query sits at position len - 1
         # Query head h attends KV head h // (heads // kv_heads): group the queries under their KV head.
