@@ -247,10 +247,10 @@ class VocabParallelEmbedding(nn.Module):
         for block, first in enumerate(range(0, self.real, self.VOCAB_BLOCK)):
             param.data[block].t()[: min(self.VOCAB_BLOCK, self.real - first)].copy_(part[first : first + self.VOCAB_BLOCK])
         if self.pack:
-            part = part.to(param.dtype)
-            self.panels = [torch.ops.mkldnn._reorder_linear_weight(part[first : first + self.PACK_ROWS].contiguous(), 64)
+            rows = part.to(param.dtype)
+            self.panels = [torch.ops.mkldnn._reorder_linear_weight(rows[first : first + self.PACK_ROWS].contiguous(), 64)
                            for first in range(0, self.real, self.PACK_ROWS)]
-        return part.numel() * part.element_size()
+        return part.numel() * part.element_size()  # as read from the checkpoint
 
     def _vectors(self, local_ids: torch.Tensor) -> torch.Tensor:
         """[T, hidden] rows of this rank's vocabulary."""
