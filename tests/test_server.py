@@ -205,9 +205,13 @@ def test_full_queue_is_refused_at_once(model_dir):
     try:
         with grpc.insecure_channel(server.target) as channel:
             stub = pb_grpc.GenerationStub(channel)
-            request = pb.GenerateRequest(text="hold", parameters=params(max_new_tokens=300, ignore_eos=True))
+            request = pb.GenerateRequest(text="hold", parameters=params(max_new_tokens=512, ignore_eos=True))
             grpc.channel_ready_future(channel).result(timeout=30)
-            held = [stub.GenerateStream(request, wait_for_ready=True) for _ in range(2)]  # one running, one waiting
+            # The first must be running before the second arrives: sent together, both can sit in the waiting
+            # queue at once and the second is refused.
+            held = [stub.GenerateStream(request, wait_for_ready=True)]
+            next(held[0])
+            held.append(stub.GenerateStream(request, wait_for_ready=True))  # waits behind the running one
             deadline = time.monotonic() + 30
             while len(server.runner.requests) < 2 and time.monotonic() < deadline:
                 time.sleep(0.02)
