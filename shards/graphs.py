@@ -31,7 +31,7 @@ class DecodeGraphs:
         pool = None
         for size in reversed(self.sizes):  # largest first: the smaller ones fit in its memory pool
             padding = Padding(size, table_width, pad_block)
-            static = StepBatch.build([], block_size, device, padding=padding)
+            static = StepBatch.build([], block_size, device, padding=padding, table_width=table_width)
             hidden_in = None if hidden_size is None else torch.zeros(size, hidden_size, dtype=dtype, device=device)
             graph = out = None
             if capture:

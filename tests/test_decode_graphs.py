@@ -37,7 +37,8 @@ def test_which_steps_replay(checkpoints):
     assert graphs.padding_for([]) is None
     batch = StepBatch.build(decode, 4, "cpu", padding=graphs.padding_for(decode))
     assert batch.num_tokens == 4 and batch.slot_mapping[3] == 12 * 4  # the padding row writes the spare block
-    assert batch.block_tables.shape == (4, 12) and batch.block_tables[0].tolist() == [0, 4] + [12] * 10
+    assert batch.block_tables.tolist() == [[0, 4], [1, 5], [2, 6], [12, 12]]  # as wide as the step needs
+    assert graphs.graphs[4][1].block_tables.shape == (4, 12)  # the static batch it is copied into: whole width
     assert batch.seq_lens.tolist() == [7, 7, 7, 1] and batch.sample_rows.numel() == 0
 
 
@@ -51,6 +52,26 @@ def test_padding_rows_write_only_the_spare_block(checkpoints):
     worker.execute([SeqPlan(i, [6], 0, [5 + i], sampling=greedy) for i in range(3)])  # padded to 4
     changed = (worker.kv_cache != before).flatten(0, 2).any(-1).any(-1).any(0)  # per block
     assert changed.nonzero().flatten().tolist() == [2, 5, 6, 7, 8]  # seq 0's, the three new ones', the spare
+
+
+def test_rows_narrower_than_the_last_step_leave_its_blocks_unread(checkpoints):
+    """A step's block tables go into the left of the static ones: after a step with a long sequence, a step of
+    short ones leaves its blocks in the static table past their lengths. Their logits stay an eager step's."""
+    greedy = SamplingParams(temperature=0.0)
+    vocab = json.loads((checkpoints["gqa-untied"] / "config.json").read_text())["vocab_size"]
+    prompts = random_tokens(vocab, [21, 3, 5], seed=3)
+    tables = [list(range(6)), [6, 7], [8, 9]]
+    logits = []
+    for graphs in (True, False):
+        worker = ShardWorker(checkpoints["gqa-untied"], ParallelGroups(), num_kv_blocks=12, block_size=4,
+                             cuda_graphs=graphs, max_graph_batch=2)
+        worker.forward([SeqPlan(i, p, 0, tables[i], sampling=greedy) for i, p in enumerate(prompts)])
+        worker.forward([SeqPlan(i, [7], len(prompts[i]), tables[i], sampling=greedy) for i in (0, 1)])
+        logits.append(worker.forward([SeqPlan(i, [8], len(prompts[i]) + (i == 1), tables[i], sampling=greedy)
+                                      for i in (1, 2)])[0])
+        if graphs:  # row 0 held sequence 0: its blocks 2..5 are still there, past sequence 1's two
+            assert worker.graphs.graphs[2][1].block_tables[0].tolist()[:6] == [6, 7, 2, 3, 4, 5]
+    assert (logits[0] - logits[1]).abs().max().item() <= TOLERANCE
 
 
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 2)])
