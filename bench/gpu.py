@@ -58,7 +58,8 @@ FULL = dict(
     model_preset="qwen2-7b", headroom_bytes=12 * 2**30,  # left free beside the KV cache: activations, graphs
     decode=[(1, 1024), (16, 1024), (64, 1024), (256, 1024), (1, 8192), (64, 8192)], warmup=3, steps=20,
     prefill=[2048, 16384], prefill_repeats=3,
-    attention=[("decode", 64, 1024), ("decode", 64, 8192), ("prefill", 1, 2048)], attention_repeats=20,
+    attention=[("decode", 64, 1024), ("decode", 64, 8192), ("decode", 1, 8192), ("prefill", 1, 2048)],
+    attention_repeats=20, profile=[(1, 1024), (64, 1024)],
 )
 # --quick: tiny shapes, seconds on a CPU (the smoke test) or a GPU.
 QUICK = dict(
@@ -68,6 +69,7 @@ QUICK = dict(
     decode=[(1, 64), (4, 64), (1, 256), (4, 256)], warmup=1, steps=3,
     prefill=[64, 256], prefill_repeats=2,
     attention=[("decode", 4, 64), ("decode", 4, 256), ("prefill", 1, 64)], attention_repeats=3,
+    profile=[(1, 64)],
 )
 TARGET_DECODE = 1.5  # decode step <= 1.5x its floor at batch 1 and 64 (with graphs)
 TARGET_PREFILL = 0.5  # prefill >= 50% of the measured matmul rate
@@ -326,7 +328,29 @@ def decode(worker, graphs_reason, capacity, cost: ModelCost, limits: dict, devic
         out["rows"].append(row)
     if graphs_reason is None:
         worker.use_cuda_graphs = True
+    out["profiles"] = [profile_row(worker, batch, context, device, s) for batch, context in s["profile"]
+                       if kv_blocks(batch, context) + 1 <= capacity["blocks"]]
     return out
+
+
+@torch.inference_mode()
+def profile_row(worker: ShardWorker, batch: int, context: int, device, s: dict, steps: int = 5) -> dict:
+    """Where a decode step's host time goes (replayed where the worker has graphs): torch.profiler's ops by self
+    CPU time over a few steps (those outside the graph, and the replay itself), with the GPU's time beside."""
+    from torch.profiler import ProfilerActivity, profile
+
+    rows = tables([context] * batch)
+    tokens = random_prompts(worker.config.vocab_size, [1] * batch, seed=batch)
+    plans = [SeqPlan(i, tokens[i], context - 1, rows[i], sampling=GREEDY) for i in range(batch)]
+    worker.execute(plans)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            worker.execute(plans)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=s.get("profile_rows", 20))
+    mode = "replayed" if worker.use_cuda_graphs else "eager"
+    log(f"profile of {steps} {mode} decode steps, batch {batch}, context {context}:\n{table}")
+    return {"batch": batch, "context": context, "steps": steps, "mode": mode, "table": table}
 
 
 @torch.inference_mode()
@@ -500,6 +524,9 @@ def markdown(r: dict) -> str:
             lines.append(f"| {row['batch']} | {row['context']} | {ms(row['floor']['floor_s'])} | "
                          f"{row['floor']['bound']} | " + " | ".join(cells) + " |")
         lines.append("")
+    for p in (r.get("decode") or {}).get("profiles", []):
+        lines += [f"## Profile: {p['steps']} {p['mode']} decode steps, batch {p['batch']}, context {p['context']}", "",
+                  "```", p["table"], "```", ""]
     if p := r.get("prefill"):
         lines += ["## Prefill: one prompt, one chunk", "",
                   "| tokens | ms | TFLOP/s | of matmul rate | floor ms |", "|---|---|---|---|---|"]

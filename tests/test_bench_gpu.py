@@ -44,6 +44,9 @@ def test_quick_cpu_run_has_every_section_and_exact_numerics(tmp_path):
     for row in decode["rows"]:
         assert row["eager"]["median_s"] > 0 and row["eager"]["runs"] == r["settings"]["steps"]
         assert row["floor"]["floor_s"] > 0 and "unavailable" in row["graphs"]
+    assert [(p["batch"], p["context"], p["mode"]) for p in decode["profiles"]] == [
+        (*c, "eager") for c in r["settings"]["profile"]]
+    assert all("aten::" in p["table"] for p in decode["profiles"])  # the profiler's table of ops
     assert [p["tokens"] for p in r["prefill"]["rows"]] == r["settings"]["prefill"]
     assert all(p["flops_per_s"] > 0 for p in r["prefill"]["rows"])
     assert r["attention"]["skipped"].startswith("skipped")  # no TRITON_INTERPRET: the kernel needs CUDA

@@ -94,6 +94,26 @@ def test_decode_only_prefill_only_and_long_contexts_with_default_tiles(interpret
     interpreter(default_tiles, window)
 
 
+def split_decodes(window, dtype):
+    """Decode contexts of 1 to 150 keys over 2, 3 and 7 splits of 16-key tiles: long ones split unevenly, short
+    ones leave splits with no keys (empty partials the merge must skip)."""
+    batch = step([(149, 1), (0, 1), (77, 1), (40, 1), (15, 1)])
+    q, cache = inputs(batch, 7, 16, dtype)
+    exact = torch_paged_attention(q.float(), cache.float(), batch, 0.25, window)
+    for splits in (2, 3, 7):
+        ours = kernel()(q, cache, batch, 0.25, window, block_n=16, splits=splits)
+        if dtype == torch.float32:
+            torch.testing.assert_close(ours, exact, rtol=0, atol=1e-5, msg=lambda m: f"{splits} splits: {m}")
+        else:  # as mixed_step's bf16 case
+            torch.testing.assert_close(ours.float(), exact, rtol=2**-7, atol=1e-2)
+
+
+@pytest.mark.parametrize("window", [None, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_keys_split_over_programs_merge_to_the_whole(interpreter, window, dtype):
+    interpreter(split_decodes, window, dtype)
+
+
 def random_steps(block_q):
     rng = random.Random(block_q)
     for trial in range(3):
