@@ -3,7 +3,10 @@
 A decode-only step of n sequences is padded to the smallest size on the ladder that holds it (`Padding`: the
 extra rows write and read a spare KV block only), its inputs are copied into that size's static batch, and the
 graph captured over the static batch replays this stage's whole forward: every kernel launch of every layer,
-collectives included, in one call. Prefill and mixed steps, and steps larger than the ladder, run eagerly.
+collectives included, in one call. On the last stage a second graph per size reduces the static output's rows
+to greedy tokens in the LM head (VocabParallelEmbedding.greedy: some 60 small kernels launched one by one
+otherwise), replayed after the first when every row of the step is plain greedy. Prefill and mixed steps, and
+steps larger than the ladder, run eagerly.
 
 Without `capture` (CPU) the same static batches run the forward eagerly: what the tests use to check that
 padding and the static copies leave the real rows' results exactly as an unpadded step gives them.
@@ -22,9 +25,10 @@ def batch_ladder(max_batch: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, forward, block_size: int, table_width: int, pad_block: int, max_batch: int,
-                 hidden_size: int | None, dtype: torch.dtype, device, capture: bool):
+                 hidden_size: int | None, dtype: torch.dtype, device, capture: bool, greedy=None):
         """`forward(batch, hidden_in) -> hidden_out` is this stage's forward over its KV cache; `hidden_size` is
-        set on stages that receive hidden states (hidden_in is then a static [size, hidden_size] buffer)."""
+        set on stages that receive hidden states (hidden_in is then a static [size, hidden_size] buffer).
+        `greedy(hidden_out)`, on the last stage: the LM head's greedy reduction of every row."""
         self.block_size, self.forward = block_size, forward
         self.sizes = batch_ladder(max_batch)
         self.graphs: dict[int, tuple] = {}
@@ -33,15 +37,14 @@ class DecodeGraphs:
             padding = Padding(size, table_width, pad_block)
             static = StepBatch.build([], block_size, device, padding=padding, table_width=table_width)
             hidden_in = None if hidden_size is None else torch.zeros(size, hidden_size, dtype=dtype, device=device)
-            graph = out = None
+            graph = out = head = None
             if capture:
-                forward(static, hidden_in)  # warm-up: kernels compiled, workspaces allocated outside the graph
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    out = forward(static, hidden_in)
+                graph, out = _capture(lambda: forward(static, hidden_in), pool)
                 pool = graph.pool()
-            self.graphs[size] = (padding, static, hidden_in, graph, out)
+                if greedy is not None:
+                    head = _capture(lambda: greedy(out), pool)
+            self.graphs[size] = (padding, static, hidden_in, graph, out, head)
+        self.greedy = greedy
 
     def padding_for(self, seqs: list[SeqPlan]) -> Padding | None:
         """The padding a step's plans replay under, or None when they run eagerly."""
@@ -53,7 +56,7 @@ class DecodeGraphs:
     def run(self, batch: StepBatch, hidden_in: torch.Tensor | None) -> torch.Tensor:
         """This stage's output for a batch built with `padding_for`'s padding: the graph's static output, valid
         until the next replay."""
-        _, static, static_in, graph, out = self.graphs[batch.num_tokens]
+        _, static, static_in, graph, out, _ = self.graphs[batch.num_tokens]
         static.copy_inputs_(batch)
         if static_in is not None:
             static_in.copy_(hidden_in)
@@ -61,3 +64,24 @@ class DecodeGraphs:
             return self.forward(static, static_in)
         graph.replay()
         return out
+
+    def run_greedy(self, hidden_out: torch.Tensor, rows: torch.Tensor):
+        """The greedy reduction (ids, logits, log-sum-exp) of these rows of the output `run` just gave, on the
+        driver rank (None elsewhere); every TP rank of the last stage calls it, as VocabParallelEmbedding.greedy."""
+        head = self.graphs[hidden_out.shape[0]][5]
+        if head is None:  # not captured (CPU): the same reduction over every row, eagerly
+            reduced = self.greedy(hidden_out)
+        else:
+            head[0].replay()
+            reduced = head[1]
+        return None if reduced is None else tuple(t[rows] for t in reduced)
+
+
+def _capture(fn, pool):
+    """(graph, its static output) of fn(), after one eager run (kernels compiled, workspaces allocated outside)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out

@@ -119,8 +119,10 @@ class ShardWorker:
         if self.cuda_graphs:
             table_width = min(num_blocks, -(-self.config.max_model_len // self.block_size))
             receives = None if self.groups.is_first_stage else self.config.hidden_size
+            greedy = None if self.model.lm_head is None else self.model.greedy
             self.graphs = DecodeGraphs(self._stage, self.block_size, table_width, num_blocks, self.max_graph_batch,
-                                       receives, self.config.dtype, self.device, capture=self.device.type == "cuda")
+                                       receives, self.config.dtype, self.device, capture=self.device.type == "cuda",
+                                       greedy=greedy)
 
     def measure_step_memory(self, num_tokens: int, num_seqs: int) -> int:
         """Bytes the largest step the scheduler may build needs beyond the weights (activations, logits,
@@ -153,9 +155,10 @@ class ShardWorker:
     def _stage(self, batch: StepBatch, hidden: torch.Tensor | None) -> torch.Tensor:
         return self.model(batch, self.kv_cache, hidden)
 
-    def _hidden(self, seqs: list[SeqPlan], forget=()) -> tuple[torch.Tensor | None, StepBatch]:
-        """This rank's stage over one step: the final hidden states on the last stage, None elsewhere. `forget`:
-        ids of sequences whose kept plans end before this step (see KeptSequences)."""
+    def _hidden(self, seqs: list[SeqPlan], forget=()) -> tuple[torch.Tensor | None, StepBatch, bool]:
+        """This rank's stage over one step: the final hidden states on the last stage, None elsewhere, and
+        whether the step ran over a decode graph's static batch (padded). `forget`: ids of sequences whose kept
+        plans end before this step (see KeptSequences)."""
         plans = self.kept.resolve(seqs, forget)
         graphs = self.graphs if self.use_cuda_graphs else None
         padding = graphs and graphs.padding_for(plans)
@@ -167,13 +170,13 @@ class ShardWorker:
         hidden = graphs.run(batch, hidden) if padding else self._stage(batch, hidden)
         if not self.groups.is_last_stage:
             send_to_next_stage(hidden, self.groups)
-            return None, batch
-        return hidden, batch
+            return None, batch, bool(padding)
+        return hidden, batch, bool(padding)
 
     @torch.inference_mode()
     def forward(self, seqs: list[SeqPlan]) -> tuple[torch.Tensor | None, StepBatch]:
         """Run this rank's stage on one step; the driver rank gets the sampled rows' logits, others None."""
-        hidden, batch = self._hidden(seqs)
+        hidden, batch, _ = self._hidden(seqs)
         return (None if hidden is None else self.model.logits(hidden[batch.sample_rows])), batch
 
     @torch.inference_mode()
@@ -189,15 +192,19 @@ class ShardWorker:
             self.last_step_s = self.clock.seconds(began, self.clock.mark())
 
     def _execute(self, seqs, forget):
-        hidden, batch = self._hidden(seqs, forget)
+        hidden, batch, padded = self._hidden(seqs, forget)
         if hidden is None:
             return None
         params = [s.sampling for s in batch.sampling_seqs]
         # Plain greedy rows are reduced inside the LM head (no logits made); the plans decide it, so every TP rank
         # of the last stage agrees, and each takes part in the head's collective, whether it samples or not.
         greedy = bool(params) and plain_greedy(params, [s.token_mask for s in batch.sampling_seqs])
-        head = None if self.model.lm_head is None else (self.model.greedy if greedy else self.model.logits)(
-            hidden[batch.sample_rows])
+        if self.model.lm_head is None:
+            head = None
+        elif greedy and padded:  # the decode graph's static rows, reduced by its greedy head
+            head = self.graphs.run_greedy(hidden, batch.sample_rows)
+        else:
+            head = (self.model.greedy if greedy else self.model.logits)(hidden[batch.sample_rows])
         prompt = self._prompt_logprobs(hidden, batch)
         if not self.groups.is_driver:
             return None

@@ -74,6 +74,30 @@ def test_rows_narrower_than_the_last_step_leave_its_blocks_unread(checkpoints):
     assert (logits[0] - logits[1]).abs().max().item() <= TOLERANCE
 
 
+def test_greedy_steps_take_their_rows_of_the_static_reduction(checkpoints):
+    """A padded greedy step takes its tokens and logprobs from the greedy reduction of every static row (a graph
+    of its own on a GPU), picked by sample_rows: here one-token plans that sample on either side of one that does
+    not (a prompt's 1-token chunk), padded to 4 rows. They are what an eager step gives."""
+    greedy = SamplingParams(temperature=0.0)
+    vocab = json.loads((checkpoints["gqa-untied"] / "config.json").read_text())["vocab_size"]
+    prompts = random_tokens(vocab, [9, 4, 6], seed=4)
+    tables = [[0, 1, 2], [3, 4], [5, 6]]
+    results = []
+    for graphs in (True, False):
+        worker = ShardWorker(checkpoints["gqa-untied"], ParallelGroups(), num_kv_blocks=12, block_size=4,
+                             cuda_graphs=graphs, max_graph_batch=4)
+        worker.execute([SeqPlan(0, prompts[0], 0, tables[0], sampling=greedy),
+                        SeqPlan(1, prompts[1][:3], 0, tables[1]),
+                        SeqPlan(2, prompts[2], 0, tables[2], sampling=greedy)])
+        results.append(worker.execute([SeqPlan(0, [7], 9, tables[0], sampling=greedy),
+                                       SeqPlan(1, prompts[1][3:], 3, tables[1]),
+                                       SeqPlan(2, [7], 6, tables[2], sampling=greedy)]))
+    replayed, eager = results
+    assert [r["seq_id"] for r in replayed] == [r["seq_id"] for r in eager] == [0, 2]
+    assert [r["token_id"] for r in replayed] == [r["token_id"] for r in eager]
+    assert all(abs(a["logprob"] - b["logprob"]) <= 1e-5 for a, b in zip(replayed, eager))
+
+
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 2)])
 def test_padded_decode_matches_transformers(checkpoints, tp, pp):
     """Decode steps of 2 and 3 sequences padded to 2 and 4 rows, with YaRN and original RoPE and a sliding
