@@ -283,17 +283,26 @@ def plan_capacity(cfg: dict, device, s: dict) -> dict:
     return out
 
 
-@torch.inference_mode()
-def decode_row(worker: ShardWorker, batch: int, context: int, device, s: dict) -> dict:
-    """One step decoding `batch` sequences at `context` tokens each (their caches hold whatever they hold: the
-    time does not depend on it): the same whole plans every step, timed around worker.execute."""
+def decode_plans(worker: ShardWorker, batch: int, context: int, steps: int):
+    """Plans decoding `batch` sequences at `context` tokens each (their caches hold whatever they hold: the time
+    does not depend on it), as the router sends them: whole once (run here), then `steps` steps of continuing
+    plans that carry only what is new (each step rewrites the same position). Fresh objects each step: a rank
+    completes a continuing plan in place, as it does an unpickled one."""
     rows = tables([context] * batch)
     tokens = random_prompts(worker.config.vocab_size, [1] * batch, seed=batch)
-    plans = [SeqPlan(i, tokens[i], context - 1, rows[i], sampling=GREEDY) for i in range(batch)]
+    worker.execute([SeqPlan(i, tokens[i], context - 1, rows[i], sampling=GREEDY) for i in range(batch)])
+    return iter([[SeqPlan(i, tokens[i], context - 1, [], continues=True, keeps_sampling=True) for i in range(batch)]
+                 for _ in range(steps)])
+
+
+@torch.inference_mode()
+def decode_row(worker: ShardWorker, batch: int, context: int, device, s: dict) -> dict:
+    """One decode step of `batch` sequences at `context` tokens each, timed around worker.execute."""
+    plans = decode_plans(worker, batch, context, s["warmup"] + s["steps"])
     sample_s = []
 
     def step():
-        worker.execute(plans)
+        worker.execute(next(plans))
         sample_s.append(worker.last_sample_s)  # the driver's sampling, inside the step
 
     times = timings(step, device, s["warmup"], s["steps"])
@@ -339,14 +348,11 @@ def profile_row(worker: ShardWorker, batch: int, context: int, device, s: dict, 
     CPU time over a few steps (those outside the graph, and the replay itself), with the GPU's time beside."""
     from torch.profiler import ProfilerActivity, profile
 
-    rows = tables([context] * batch)
-    tokens = random_prompts(worker.config.vocab_size, [1] * batch, seed=batch)
-    plans = [SeqPlan(i, tokens[i], context - 1, rows[i], sampling=GREEDY) for i in range(batch)]
-    worker.execute(plans)
+    plans = decode_plans(worker, batch, context, steps)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        for _ in range(steps):
-            worker.execute(plans)
+        for step in plans:
+            worker.execute(step)
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=s.get("profile_rows", 20))
     mode = "replayed" if worker.use_cuda_graphs else "eager"
     log(f"profile of {steps} {mode} decode steps, batch {batch}, context {context}:\n{table}")

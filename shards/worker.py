@@ -162,7 +162,8 @@ class ShardWorker:
         plans = self.kept.resolve(seqs, forget)
         graphs = self.graphs if self.use_cuda_graphs else None
         padding = graphs and graphs.padding_for(plans)
-        batch = StepBatch.build(plans, self.block_size, self.device, self.staging, padding)
+        batch = StepBatch.build(plans, self.block_size, self.device, self.staging, padding,
+                                tables=self.kept.tables(plans))
         hidden = None
         if not self.groups.is_first_stage:
             shape = (batch.num_tokens, self.config.hidden_size)
