@@ -171,11 +171,14 @@ def numerics(device, s: dict, workdir: Path) -> dict:
                          dtype=dtype, attention_backend=None)
     plans = [SeqPlan(i, p, 0, blocks[i], sampling=GREEDY) for i, p in enumerate(prompts)]
     ours_logits = worker.forward(plans)[0].float().cpu()
-    ours = {r["seq_id"]: [r["token_id"]] for r in worker.execute(plans)}
+    first = worker.execute(plans)
+    ours = {r["seq_id"]: [r["token_id"]] for r in first}
+    ours_logprobs = {r["seq_id"]: [r["logprob"]] for r in first}
     for k in range(steps - 1):
         step = [SeqPlan(i, [ours[i][-1]], len(p) + k, blocks[i], sampling=GREEDY) for i, p in enumerate(prompts)]
         for r in worker.execute(step):
             ours[r["seq_id"]].append(r["token_id"])
+            ours_logprobs[r["seq_id"]].append(r["logprob"])
     del worker
     log("numerics: ours done")
 
@@ -190,6 +193,9 @@ def numerics(device, s: dict, workdir: Path) -> dict:
     ref = load(torch_dtype)
     ref_logits = last_logits(ref)
     ref_tokens = [hf_greedy(ref, p, steps, device) for p in prompts]
+    with torch.inference_mode():  # transformers teacher-forced on our tokens: its logprobs at each of our steps
+        forced = [ref(torch.tensor([p + ours[i][:-1]], device=device)).logits[0, len(p) - 1 :].float()
+                  .log_softmax(-1).cpu() for i, p in enumerate(prompts)]
     del ref
     exact_logits = None
     if torch_dtype != torch.float32:  # the scale of a bf16 error: both sides against the float32 model
@@ -200,16 +206,22 @@ def numerics(device, s: dict, workdir: Path) -> dict:
     rows = []
     for i, p in enumerate(prompts):
         agree = next((k for k, (a, b) in enumerate(zip(ours[i], ref_tokens[i])) if a != b), steps)
+        ref_lp = forced[i][torch.arange(steps), torch.tensor(ours[i])]
         row = {"prompt_tokens": len(p), "max_abs_diff": (ours_logits[i] - ref_logits[i]).abs().max().item(),
                "ref_max_abs_logit": ref_logits[i].abs().max().item(),
                "greedy_ours": ours[i], "greedy_ref": ref_tokens[i], "greedy_agree": agree,
-               "greedy_equal": ours[i] == ref_tokens[i]}
+               "greedy_equal": ours[i] == ref_tokens[i],
+               # On our tokens: how far our logprobs are from transformers', and how far below transformers'
+               # own argmax our picks were (0 when it picks the same; a bf16 near-tie when small).
+               "forced_logprob_diff": (torch.tensor(ours_logprobs[i]) - ref_lp).abs().max().item(),
+               "forced_worst_gap": (forced[i].amax(-1) - ref_lp).max().item()}
         if exact_logits is not None:
             row["ours_vs_float32"] = (ours_logits[i] - exact_logits[i]).abs().max().item()
             row["ref_vs_float32"] = (ref_logits[i] - exact_logits[i]).abs().max().item()
         rows.append(row)
         log(f"numerics: prompt {len(p)} tokens: max |ours - transformers| {row['max_abs_diff']:.3g}, "
-            f"greedy agree {agree}/{steps}")
+            f"greedy agree {agree}/{steps}; teacher-forced on ours: logprobs within "
+            f"{row['forced_logprob_diff']:.3g}, picks at most {row['forced_worst_gap']:.3g} below its argmax")
     return {"preset": s["numerics_preset"], "dtype": dtype, "greedy_steps": steps, "rows": rows}
 
 
@@ -509,12 +521,13 @@ def markdown(r: dict) -> str:
     if n := r.get("numerics"):
         extra = "ours_vs_float32" in n["rows"][0]
         lines += [f"## Numerics: {n['preset']}, {n['dtype']}, ours against transformers", "",
-                  "| prompt tokens | max abs logit diff | max abs logit | greedy tokens agree |"
-                  + (" ours vs float32 | transformers vs float32 |" if extra else ""),
-                  "|---|---|---|---|" + ("---|---|" if extra else "")]
+                  "| prompt tokens | max abs logit diff | max abs logit | greedy tokens agree | forced: logprob "
+                  "diff | forced: gap below argmax |" + (" ours vs float32 | transformers vs float32 |" if extra else ""),
+                  "|---|---|---|---|---|---|" + ("---|---|" if extra else "")]
         for row in n["rows"]:
             lines.append(f"| {row['prompt_tokens']} | {row['max_abs_diff']:.3g} | {row['ref_max_abs_logit']:.3g} | "
-                         f"{row['greedy_agree']}/{n['greedy_steps']} |"
+                         f"{row['greedy_agree']}/{n['greedy_steps']} | {row['forced_logprob_diff']:.3g} | "
+                         f"{row['forced_worst_gap']:.3g} |"
                          + (f" {row['ours_vs_float32']:.3g} | {row['ref_vs_float32']:.3g} |" if extra else ""))
         lines.append("")
     if d := r.get("decode"):

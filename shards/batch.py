@@ -252,7 +252,8 @@ class StepBatch:
                 )
             query_start.append(first)
             seq_lens.append(end)
-            used.append(tables[i][: -(-end // block_size)])
+            need = -(-end // block_size)
+            used.append(tables[i] if len(tables[i]) == need else tables[i][:need])
             ids += seq.token_ids
             positions += range(seq.start, end)
             variants += [seq.rope_variant] * count
@@ -285,7 +286,8 @@ class StepBatch:
                 decode_seqs.append(row)
         block_tables = _stack(used, table_width, pad)  # [N, widest]: entries past a row's blocks are `pad`
         decode_width = max([table_width] + [len(used[i]) for i in decode_seqs])
-        decode_tables = block_tables[decode_seqs, :decode_width].long()
+        every_row_decodes = len(decode_seqs) == len(used)  # then in order: decode_seqs is 0, 1, ...
+        decode_tables = (block_tables if every_row_decodes else block_tables[decode_seqs, :decode_width]).long()
         small = [ids, positions, variants, slots, decode_rows, decode_lens]
         long_host = torch.cat([torch.tensor(list(chain(*small)), dtype=torch.long), decode_tables.flatten(),
                                torch.tensor(sample_rows, dtype=torch.long)])

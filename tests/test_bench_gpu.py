@@ -37,6 +37,7 @@ def test_quick_cpu_run_has_every_section_and_exact_numerics(tmp_path):
     for row in numerics["rows"]:
         assert row["max_abs_diff"] <= 1e-4, row
         assert row["greedy_equal"] and row["greedy_agree"] == numerics["greedy_steps"] == len(row["greedy_ours"])
+        assert row["forced_logprob_diff"] <= 1e-4 and row["forced_worst_gap"] == 0, row  # our picks are its argmax
 
     decode = r["decode"]
     assert decode["graphs"].startswith("not available")
