@@ -311,5 +311,6 @@ def _stack(rows: list[torch.Tensor], width: int, pad: int) -> torch.Tensor:
     """int32 rows stacked into [len(rows), max(width, longest)], each padded on the right with `pad`."""
     if not rows:
         return torch.full((0, width), pad, dtype=torch.int32)
-    stacked = pad_sequence(rows, batch_first=True, padding_value=pad)
+    same = all(len(r) == len(rows[0]) for r in rows)  # one copy, not one a row (pad_sequence's)
+    stacked = torch.stack(rows) if same else pad_sequence(rows, batch_first=True, padding_value=pad)
     return pad_right(stacked, (0, width - stacked.shape[1]), value=pad) if stacked.shape[1] < width else stacked
