@@ -16,7 +16,9 @@ What it reports, all measured in the one run (docs/performance.md, "GPU benchmar
    sizes and contexts, eager and with CUDA graphs, each over its floor max(bytes / bandwidth, FLOPs / rate);
 4. prefill: one 2K and one 16K prompt in a single chunk, achieved TFLOP/s against the measured matmul rate;
 5. attention: the Triton paged-attention kernel alone against torch's scaled_dot_product_attention on dense
-   tensors of the same shapes.
+   tensors of the same shapes;
+6. quant: the fused dequantize-matmul kernels (GPTQ int4, AWQ, NF4) on Qwen2-7B's MLP shapes against a bf16
+   matmul of the same weights dequantized: time, the stored bytes read per second, and their difference.
 
 Targets are printed next to the figures, never asserted. Writes JSON to --out (default bench/gpu_results.json)
 and the same as Markdown beside it (.md). A section that fails is recorded under `errors` and the run goes on.
@@ -46,7 +48,7 @@ from shards.worker import ShardWorker
 
 GREEDY = SamplingParams(temperature=0.0)
 BLOCK_SIZE = 16
-SECTIONS = ("numerics", "decode", "prefill", "attention")  # the floors are always measured: the others need them
+SECTIONS = ("numerics", "decode", "prefill", "attention", "quant")  # the floors are always measured: the others need them
 
 # The full run on one H200, with the budget of each section (8 minutes in all; about 3 expected):
 #   numerics ~45 s (writing and loading a 0.5B checkpoint dominates), floors ~5 s, building the 7B model and its
@@ -60,6 +62,7 @@ FULL = dict(
     prefill=[2048, 16384], prefill_repeats=3,
     attention=[("decode", 64, 1024), ("decode", 64, 8192), ("decode", 1, 8192), ("prefill", 1, 2048)],
     attention_repeats=20, profile=[(1, 1024), (64, 1024)],
+    quant=[(3584, 2 * 18944), (18944, 3584)], quant_rows=(1, 64), quant_repeats=20,  # gate_up, down
 )
 # --quick: tiny shapes, seconds on a CPU (the smoke test) or a GPU.
 QUICK = dict(
@@ -69,7 +72,7 @@ QUICK = dict(
     decode=[(1, 64), (4, 64), (1, 256), (4, 256)], warmup=1, steps=3,
     prefill=[64, 256], prefill_repeats=2,
     attention=[("decode", 4, 64), ("decode", 4, 256), ("prefill", 1, 64)], attention_repeats=3,
-    profile=[(1, 64)],
+    profile=[(1, 64)], quant=[(128, 256)], quant_rows=(1, 4), quant_repeats=3,
 )
 TARGET_DECODE = 1.5  # decode step <= 1.5x its floor at batch 1 and 64 (with graphs)
 TARGET_PREFILL = 0.5  # prefill >= 50% of the measured matmul rate
@@ -391,7 +394,7 @@ def prefill(worker, cost: ModelCost, limits: dict, device, s: dict) -> dict:
 
 
 def attention_skip_reason(device) -> str | None:
-    if device.type != "cuda" and not os.environ.get("TRITON_INTERPRET"):
+    if device.type != "cuda" and not interpreted(device):
         return "skipped: the Triton kernel runs on CUDA (on CPU only with TRITON_INTERPRET=1)"
     try:
         import shards.triton_attention  # noqa: F401
@@ -459,6 +462,84 @@ def attention(r: dict, device, s: dict) -> dict:
         if row:
             rows.append(row)
     return {"rows": rows}
+
+
+# --- 6. the fused dequantize-matmul kernels --------------------------------------------------------------------
+
+QUANT_FORMATS = ("gptq-int4", "awq", "nf4")
+
+
+def quant_layer(fmt: str, inp: int, out: int, dtype, device, gen):
+    """(method, layer): a linear [out, inp] stored in `fmt` with random codes, built on the device as the worker
+    builds one (NF4: a random bf16 weight quantized as it is loaded)."""
+    from shards.checkpoint import QUANTIZATIONS, _quantized_specs, _random_quantized
+    from shards.layers import ColumnParallelLinear
+    from shards.quant import QuantConfig, linear_method
+
+    qc = QUANTIZATIONS[fmt]
+    config = QuantConfig("bitsandbytes-nf4") if fmt == "nf4" else QuantConfig.resolve({"quantization_config": qc}, None)
+    method = linear_method(config)
+    with device:
+        layer = ColumnParallelLinear(inp, [("w", out, [(0, out)])], bias=False, dtype=dtype, quant=method)
+    if fmt == "nf4":
+        layer.weight.weight_loader(layer.weight, torch.randn(out, inp, generator=gen).mul_(0.02).to(dtype), "w")
+        return method, layer
+    for name, shape, kind in _quantized_specs([("x.up_proj.weight", (out, inp), "matrix")], qc):
+        param = getattr(layer, name.rsplit(".", 1)[1], None)  # g_idx without desc_act: not read
+        if param is not None:
+            param.weight_loader(param, _random_quantized(shape, kind, 0.02, gen, qc), "w")
+    return method, layer
+
+
+def stored_bytes(layer) -> int:
+    """What the layer's matmul reads of its weight: its parameters, or its NF4 states' tensors."""
+    tensors = list(layer.parameters()) + [t for states in getattr(layer, "nf4", {}).values() for state in states
+                                          for t in state.values() if isinstance(t, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@torch.inference_mode()
+def quant_row(fmt: str, inp: int, out: int, rows: int, device, s: dict) -> dict:
+    import torch.nn.functional as F
+
+    dtype = getattr(torch, dtype_name(device))
+    gen = torch.Generator().manual_seed(inp + out)
+    method, layer = quant_layer(fmt, inp, out, dtype, device, gen)
+    method.triton_on_cpu = interpreted(device)
+    dense = method.dense(layer, dtype)  # [out, inp], what the torch path multiplies by
+    x = torch.randn(rows, inp, generator=gen).to(device=device, dtype=dtype)
+    exact = F.linear(x.float(), dense.float())
+    diff = ((method.apply(layer, x).float() - exact).abs().max() / exact.abs().max()).item()
+    nbytes = stored_bytes(layer)
+    row = {"format": fmt, "in": inp, "out": out, "rows": rows, "stored_bytes": nbytes, "rel_diff": diff,
+           "fused": summary(timings(lambda: method.apply(layer, x), device, 2, s["quant_repeats"])),
+           "dense": summary(timings(lambda: F.linear(x, dense), device, 2, s["quant_repeats"]))}
+    row["fused"]["bytes_per_s"] = nbytes / row["fused"]["median_s"]
+    row["dense"]["bytes_per_s"] = dense.numel() * dense.element_size() / row["dense"]["median_s"]
+    log(f"quant {fmt} {inp}->{out} x {rows} rows: fused {ms(row['fused']['median_s'])} ms "
+        f"({per_s(row['fused']['bytes_per_s'], 1e9)} GB/s of stored weight), {dtype_name(device)} "
+        f"{ms(row['dense']['median_s'])} ms, relative diff {diff:.3g}")
+    return row
+
+
+def interpreted(device) -> bool:
+    """Triton kernels on CPU tensors: only under its interpreter (TRITON_INTERPRET=1)."""
+    return device.type != "cuda" and bool(os.environ.get("TRITON_INTERPRET"))
+
+
+def quant(r: dict, device, s: dict) -> dict:
+    """On CPU the methods dequantize and multiply in torch unless Triton's interpreter runs the kernels."""
+    rows = []
+    for fmt in QUANT_FORMATS:
+        for inp, out in s["quant"]:
+            for m in s["quant_rows"]:
+                row = attempt(r, f"quant {fmt} {inp}x{out} x {m}", device,
+                              lambda: quant_row(fmt, inp, out, m, device, s))
+                free_memory(device)
+                if row:
+                    rows.append(row)
+    kernel = "triton" if device.type == "cuda" or interpreted(device) else "torch (dequantize, then matmul)"
+    return {"kernel": kernel, "rows": rows}
 
 
 # --- the run ----------------------------------------------------------------------------------------------------
@@ -566,6 +647,16 @@ def markdown(r: dict) -> str:
                              f"{per_s(t['bytes_per_s'], 1e9)} | {ms(d['median_s'])} | {per_s(d['bytes_per_s'], 1e9)} | "
                              f"{t['median_s'] / d['median_s']:.2f}x | {row['max_abs_diff']:.3g} |")
             lines.append("")
+    if q := r.get("quant"):
+        lines += [f"## Quantized linears: {q['kernel']} against {r['settings']['dtype']} on the dequantized weights",
+                  "", "| format | in -> out | rows | stored MB | fused ms | fused GB/s | dense ms | fused / dense | "
+                  "relative diff |", "|---|---|---|---|---|---|---|---|---|"]
+        for row in q["rows"]:
+            f, d = row["fused"], row["dense"]
+            lines.append(f"| {row['format']} | {row['in']} -> {row['out']} | {row['rows']} | "
+                         f"{row['stored_bytes'] / 1e6:.3g} | {ms(f['median_s'])} | {per_s(f['bytes_per_s'], 1e9)} | "
+                         f"{ms(d['median_s'])} | {f['median_s'] / d['median_s']:.2f}x | {row['rel_diff']:.3g} |")
+        lines.append("")
     if r["targets"]:
         lines += ["## Targets (reported, not asserted)", "", "| figure | value | target | met |", "|---|---|---|---|"]
         for t in r["targets"]:
@@ -630,6 +721,8 @@ def main(argv=None) -> dict:
             free_memory(device)  # the 7B worker
         if "attention" in args.sections:
             r["attention"] = attention(r, device, s)
+        if "quant" in args.sections:
+            r["quant"] = quant(r, device, s)
     finally:
         workdir.cleanup()
     r = {k: v for k, v in r.items() if v is not None}

@@ -28,7 +28,7 @@ def test_quick_cpu_run_has_every_section_and_exact_numerics(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r = json.loads(out.read_text())
     assert r["errors"] == []
-    assert {"environment", "settings", "floors", "numerics", "capacity", "decode", "prefill", "attention",
+    assert {"environment", "settings", "floors", "numerics", "capacity", "decode", "prefill", "attention", "quant",
             "targets"} <= set(r)
     assert r["floors"]["matmul_flops"] > 0 and r["floors"]["bandwidth_bytes"] > 0
 
@@ -51,6 +51,9 @@ def test_quick_cpu_run_has_every_section_and_exact_numerics(tmp_path):
     assert [p["tokens"] for p in r["prefill"]["rows"]] == r["settings"]["prefill"]
     assert all(p["flops_per_s"] > 0 for p in r["prefill"]["rows"])
     assert r["attention"]["skipped"].startswith("skipped")  # no TRITON_INTERPRET: the kernel needs CUDA
+    quant = r["quant"]  # the torch path here (dequantize, then matmul): equal to the dense weights' matmul
+    assert quant["kernel"].startswith("torch") and len(quant["rows"]) == 3 * len(r["settings"]["quant_rows"])
+    assert all(q["rel_diff"] <= 1e-6 and q["stored_bytes"] > 0 for q in quant["rows"]), quant["rows"]
     assert {t["figure"].split(",")[0] for t in r["targets"]} == {"decode step / floor", *(
         f"prefill {n} tokens" for n in r["settings"]["prefill"])}
 
