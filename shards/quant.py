@@ -257,10 +257,10 @@ class NF4Method(_Method):
         parts = [nf4_dequantize(state, state["shape"], dtype) for state in self.states(layer)]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    def fused(self, layer, x: torch.Tensor) -> torch.Tensor:
+    def fused(self, layer, x: torch.Tensor, **tiles) -> torch.Tensor:
         from shards.triton_quant import nf4_matmul
 
-        parts = [nf4_matmul(x, state) for state in self.states(layer)]
+        parts = [nf4_matmul(x, state, **tiles) for state in self.states(layer)]
         return parts[0] if len(parts) == 1 else torch.cat(parts, -1)
 
 
@@ -385,12 +385,12 @@ class GroupMethod(_Method):
             p.weight_loader = loader
             setattr(layer, name, p)
 
-    def fused(self, layer, x: torch.Tensor) -> torch.Tensor:
+    def fused(self, layer, x: torch.Tensor, **tiles) -> torch.Tensor:
         from shards.triton_quant import group_matmul
 
         c = self.config
         return group_matmul(x, layer.qweight, layer.qzeros, layer.scales, getattr(layer, "g_idx", None),
-                            layer.group_size, c.bits, c.method == "awq")
+                            layer.group_size, c.bits, c.method == "awq", **tiles)
 
     def dense(self, layer, dtype) -> torch.Tensor:
         c = self.config

@@ -104,21 +104,23 @@ def _nf4_matmul(
     tl.store(y, _to(acc, y_ptr.dtype.element_ty, UPCAST), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def nf4_matmul(x: torch.Tensor, state: dict) -> torch.Tensor:
-    """x [..., K] @ W.T for one NF4 state of shards/quant.py (load-time, or a pre-quantized slice)."""
+def nf4_matmul(x: torch.Tensor, state: dict, **tiles) -> torch.Tensor:
+    """x [..., K] @ W.T for one NF4 state of shards/quant.py (load-time, or a pre-quantized slice); `tiles`: see
+    _launch."""
     from shards.quant import NF4_CODE, nf4_absmax
 
     N, K = state["shape"]
     rows = state.get("rows", 1)
     row_stride = K if rows == 1 else 2 * state["weight"].numel() // rows
     return _launch(_nf4_matmul, x, N, (state["weight"], nf4_absmax(state).float(), NF4_CODE.to(x.device)),
-                   (row_stride, state.get("skip", 0)), {})
+                   (row_stride, state.get("skip", 0)), {}, **tiles)
 
 
 def _launch(kernel, x: torch.Tensor, N: int, tensors: tuple, scalars: tuple, constexprs: dict,
-            block_n: int = 64, block_k: int = 64) -> torch.Tensor:
+            block_n: int = 64, block_k: int = 64, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
     """kernel(x, *tensors, y, M, N, K, *scalars, x's and y's row strides, *constexprs) over x [..., K] (made
-    [M, K] contiguous) -> y [..., N] in x's dtype."""
+    [M, K] contiguous) -> y [..., N] in x's dtype. The tile sizes, warps and pipeline stages are Triton's
+    defaults for a first GPU run; `python -m bench.quant_tiles` measures others."""
     shape = x.shape
     x = x.reshape(-1, shape[-1]).contiguous()
     M, K = x.shape
@@ -127,13 +129,15 @@ def _launch(kernel, x: torch.Tensor, N: int, tensors: tuple, scalars: tuple, con
     kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
         x, *tensors, y, M, N, K, *scalars, x.stride(0), y.stride(0), **constexprs,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", UPCAST=INTERPRETED)
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", UPCAST=INTERPRETED,
+        num_warps=num_warps, num_stages=num_stages)
     return y.view(*shape[:-1], N)
 
 
 def group_matmul(x: torch.Tensor, qweight, qzeros, scales, g_idx, group_size: int, bits: int,
-                 awq: bool) -> torch.Tensor:
-    """x [..., K] @ W.T -> [..., N], W given by a GPTQ (`awq` False) or AWQ layer's tensors (shards/quant.py)."""
+                 awq: bool, **tiles) -> torch.Tensor:
+    """x [..., K] @ W.T -> [..., N], W given by a GPTQ (`awq` False) or AWQ layer's tensors (shards/quant.py);
+    `tiles`: see _launch."""
     return _launch(_group_matmul, x, scales.shape[1], (qweight, qzeros, scales, qweight if g_idx is None else g_idx),
                    (group_size, qweight.stride(0), qzeros.stride(0), scales.stride(0)),
-                   dict(BITS=bits, AWQ=awq, G_IDX=g_idx is not None))
+                   dict(BITS=bits, AWQ=awq, G_IDX=g_idx is not None), **tiles)

@@ -68,3 +68,17 @@ def test_importing_it_loads_neither_ray_nor_grpc():
              "assert not loaded, loaded\n")
     proc = run_python(["-c", check], timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_quant_tiles_runs_every_setting_under_the_interpreter(tmp_path):
+    """`python -m bench.quant_tiles --device cpu --quick` under Triton's interpreter: each launch setting it tries
+    gives the dequantized weights' matmul (float32: to rounding)."""
+    out = tmp_path / "tiles.json"
+    env_script = "import os, runpy\nos.environ['TRITON_INTERPRET'] = '1'\n" \
+                 "runpy.run_module('bench.quant_tiles', run_name='__main__', alter_sys=True)\n"
+    proc = run_python(["-c", env_script, "--device", "cpu", "--quick", "--out", str(out)], timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    cases = json.loads(out.read_text())["cases"]
+    assert {c["format"] for c in cases} == {"gptq-int4", "nf4"}
+    for c in cases:
+        assert len(c["runs"]) == 2 and all(r["rel_diff"] <= 1e-6 for r in c["runs"]), c["runs"]
