@@ -1,6 +1,7 @@
 """`python -m bench.quant_tiles`: the fused dequantize-matmul kernels (shards/triton_quant.py) over a set of tile
 sizes, warps and pipeline stages on this GPU, on Qwen2-7B's MLP shapes at 1 and 64 rows: which launch settings
-read the 4-bit weights fastest, against the defaults and a bf16 matmul of the same weights. Needs CUDA, or
+read the 4-bit weights fastest, against Triton's defaults (BASE, the settings of the kernels' first GPU run) and
+a bf16 matmul of the same weights; shards/triton_quant.py's GROUP_TILES and NF4_TILES come from it. Needs CUDA, or
 TRITON_INTERPRET=1 with `--device cpu --quick` (the smoke test: tiny shapes, two settings).
 
 Writes JSON to --out (default bench/quant_tiles.json) and prints each case's settings fastest first.
@@ -15,8 +16,8 @@ import torch.nn.functional as F
 
 from bench.gpu import dtype_name, environment, log, quant_layer, stored_bytes, summary, timings
 
-DEFAULT = dict(block_n=64, block_k=64, num_warps=4, num_stages=3)  # shards/triton_quant.py's _launch
-SETTINGS = [DEFAULT] + [DEFAULT | change for change in (
+BASE = dict(block_n=64, block_k=64, num_warps=4, num_stages=3)  # Triton's defaults
+SETTINGS = [BASE] + [BASE | change for change in (
     dict(block_n=32), dict(block_n=128), dict(block_k=32), dict(block_k=128), dict(num_warps=2), dict(num_warps=8),
     dict(num_stages=2), dict(num_stages=4), dict(block_n=32, block_k=128, num_stages=4),
     dict(block_n=128, block_k=128, num_warps=8), dict(block_n=32, block_k=32, num_warps=2, num_stages=2))]
@@ -45,12 +46,12 @@ def case(fmt: str, inp: int, out: int, rows: int, device, s: dict) -> dict:
         except Exception as e:  # a setting the compiler or the GPU refuses (shared memory, say)
             row["runs"].append(tiles | {"error": f"{type(e).__name__}: {str(e)[:200]}"})
     timed = sorted((r for r in row["runs"] if "median_s" in r), key=lambda r: r["median_s"])
-    default = next((r for r in row["runs"] if "median_s" in r and all(r[k] == v for k, v in DEFAULT.items())), None)
-    log(f"{fmt} {inp}->{out} x {rows}: bf16 {row['bf16_s'] * 1e3:.3f} ms; default "
-        f"{default['median_s'] * 1e3 if default else float('nan'):.3f} ms; fastest first:")
+    base = next((r for r in row["runs"] if "median_s" in r and all(r[k] == v for k, v in BASE.items())), None)
+    log(f"{fmt} {inp}->{out} x {rows}: bf16 {row['bf16_s'] * 1e3:.3f} ms; base "
+        f"{base['median_s'] * 1e3 if base else float('nan'):.3f} ms; fastest first:")
     for r in timed[:4]:
         log(f"    {r['median_s'] * 1e3:.3f} ms ({r['bytes_per_s'] / 1e9:.0f} GB/s, diff {r['rel_diff']:.2g}) "
-            f"{ {k: r[k] for k in DEFAULT} }")
+            f"{ {k: r[k] for k in BASE} }")
     return row
 
 

@@ -104,12 +104,21 @@ def _nf4_matmul(
     tl.store(y, _to(acc, y_ptr.dtype.element_ty, UPCAST), mask=m_ok[:, None] & n_ok[None, :])
 
 
+# Launch settings, the fastest of `python -m bench.quant_tiles` on an H200 for Qwen2-7B's MLP shapes
+# (bench/RESULTS.md): against Triton's defaults (64 x 64 tiles, 4 warps, 3 stages) GPTQ int4 at one row 2.65 ->
+# 1.29 ms (gate and up) and 2.26 -> 0.73 (down); NF4 at 64 rows 3.16 -> 1.25 and 3.13 -> 1.03.
+GROUP_TILES = dict(block_n=32, block_k=128, num_warps=4, num_stages=4)
+NF4_TILES = {True: dict(block_n=32, block_k=128, num_warps=4, num_stages=4),  # up to 16 rows (decode)
+             False: dict(block_n=32, block_k=32, num_warps=2, num_stages=2)}
+
+
 def nf4_matmul(x: torch.Tensor, state: dict, **tiles) -> torch.Tensor:
-    """x [..., K] @ W.T for one NF4 state of shards/quant.py (load-time, or a pre-quantized slice); `tiles`: see
-    _launch."""
+    """x [..., K] @ W.T for one NF4 state of shards/quant.py (load-time, or a pre-quantized slice); `tiles`
+    overrides NF4_TILES (see _launch)."""
     from shards.quant import NF4_CODE, nf4_absmax
 
     N, K = state["shape"]
+    tiles = NF4_TILES[x.numel() // K <= 16] | tiles
     rows = state.get("rows", 1)
     row_stride = K if rows == 1 else 2 * state["weight"].numel() // rows
     return _launch(_nf4_matmul, x, N, (state["weight"], nf4_absmax(state).float(), NF4_CODE.to(x.device)),
@@ -119,8 +128,8 @@ def nf4_matmul(x: torch.Tensor, state: dict, **tiles) -> torch.Tensor:
 def _launch(kernel, x: torch.Tensor, N: int, tensors: tuple, scalars: tuple, constexprs: dict,
             block_n: int = 64, block_k: int = 64, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
     """kernel(x, *tensors, y, M, N, K, *scalars, x's and y's row strides, *constexprs) over x [..., K] (made
-    [M, K] contiguous) -> y [..., N] in x's dtype. The tile sizes, warps and pipeline stages are Triton's
-    defaults for a first GPU run; `python -m bench.quant_tiles` measures others."""
+    [M, K] contiguous) -> y [..., N] in x's dtype, in tiles of BLOCK_M rows (16 up to 16 rows, else 64) x
+    block_n outputs, block_k inputs a step."""
     shape = x.shape
     x = x.reshape(-1, shape[-1]).contiguous()
     M, K = x.shape
@@ -137,7 +146,7 @@ def _launch(kernel, x: torch.Tensor, N: int, tensors: tuple, scalars: tuple, con
 def group_matmul(x: torch.Tensor, qweight, qzeros, scales, g_idx, group_size: int, bits: int,
                  awq: bool, **tiles) -> torch.Tensor:
     """x [..., K] @ W.T -> [..., N], W given by a GPTQ (`awq` False) or AWQ layer's tensors (shards/quant.py);
-    `tiles`: see _launch."""
+    `tiles` overrides GROUP_TILES (see _launch)."""
     return _launch(_group_matmul, x, scales.shape[1], (qweight, qzeros, scales, qweight if g_idx is None else g_idx),
                    (group_size, qweight.stride(0), qzeros.stride(0), scales.stride(0)),
-                   dict(BITS=bits, AWQ=awq, G_IDX=g_idx is not None), **tiles)
+                   dict(BITS=bits, AWQ=awq, G_IDX=g_idx is not None), **(GROUP_TILES | tiles))
