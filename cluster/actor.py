@@ -31,7 +31,10 @@ def keep_freed_memory() -> None:
 
 
 # Ray concurrency groups (options: CONCURRENCY_GROUPS), each its own thread: the liveness probe, and the step
-# loop (cluster/channel.py), which runs as long as the engine.
+# loop (cluster/channel.py), which runs as long as the engine. Loading and allocating run on the step loop's
+# thread before it starts: on CPU, once one thread of a process has run an OpenMP parallel region, another
+# thread's regions each took ~0.1 ms more (libgomp; a 3072 x 512 GEMV 0.10 -> 0.21 ms), and bench-cpu's
+# batch-1 step 18 -> 24 ms, when the weights were loaded on Ray's default thread and the steps ran on this one.
 PROBE_GROUP, STEP_GROUP = "probe", "steps"
 CONCURRENCY_GROUPS = {PROBE_GROUP: 1, STEP_GROUP: 1}
 
@@ -61,6 +64,7 @@ class ShardActor:
             s.bind((host, 0))
             return f"tcp://{host}:{s.getsockname()[1]}"
 
+    @ray.method(concurrency_group=STEP_GROUP)
     def load(self, init_method: str, dist_timeout_s: float, worker_args: dict, max_step: tuple[int, int]):
         """Join the torch.distributed world, build the TP groups, load this rank's weights (`worker_args`:
         ShardWorker's keyword arguments), and on a GPU measure what the largest step needs beside them
@@ -75,6 +79,7 @@ class ShardActor:
         return {"kv_block_bytes": self.worker.kv_block_bytes, "free_bytes": free, "total_bytes": total,
                 "step_bytes": step_bytes, "weight_bytes": self.worker.bytes_loaded, "pid": os.getpid()}
 
+    @ray.method(concurrency_group=STEP_GROUP)
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.worker.allocate_kv_cache(num_blocks)
 
