@@ -11,6 +11,7 @@ import json
 import logging
 import time
 import uuid
+from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -254,14 +255,18 @@ class GenerationService(pb_grpc.GenerationServicer):
             await _refuse(context, e)
 
     async def _events(self, request: Request, context):
+        """The request's events. Callers iterate it under `aclosing`: a stream cancelled while its handler waits
+        at a `yield` closes this generator, and so the core's, at once (which cancels the request and frees its
+        blocks), rather than whenever the garbage collector reaches the abandoned generators."""
         def deadline_passed() -> bool:
             remaining = context.time_remaining()
             return remaining is not None and remaining <= 0
 
-        async for event in self.core.events(request, deadline_passed):
-            if event.error is not None:
-                await _abort(context, grpc.StatusCode.UNAVAILABLE, str(event.error))
-            yield event
+        async with aclosing(self.core.events(request, deadline_passed)) as events:
+            async for event in events:
+                if event.error is not None:
+                    await _abort(context, grpc.StatusCode.UNAVAILABLE, str(event.error))
+                yield event
 
     def _final(self, request: Request, event: Event, began: float, called: bool = False) -> pb.FinalInfo:
         seq = request.seq
@@ -290,23 +295,24 @@ class GenerationService(pb_grpc.GenerationServicer):
         admitted, tools = await self._admit(request, context)
         request_id = request.request_id or uuid.uuid4().hex
         parser = tool_calls.ToolCallStream(tools.names, tools.max_calls) if tools.parse else None
-        async for event in self._events(admitted, context):
-            text, calls, deltas = event.text, [], []
-            if parser is not None:  # tags never reach the text; a call as it is written, and once it is whole
-                complete = parser.complete
-                text, deltas = parser.feed(text)
-                text += parser.finish() if event.finish_reason is not None else ""
-                calls = parser.calls[complete:parser.complete]
-            out = pb.GenerateStreamResponse(request_id=request_id, text=text, token_ids=event.token_ids,
-                                            logprobs=self._logprobs(event.logprobs),
-                                            prompt_logprobs=self._logprobs(event.prompt_logprobs or []),
-                                            tool_calls=[_call(c) for c in calls],
-                                            tool_call_deltas=[pb.ToolCallDelta(index=d.index, id=d.id, name=d.name,
-                                                                               arguments=d.arguments)
-                                                              for d in deltas])
-            if event.finish_reason is not None:
-                out.final.CopyFrom(self._final(admitted, event, began, bool(parser and parser.calls)))
-            yield out
+        async with aclosing(self._events(admitted, context)) as events:
+            async for event in events:
+                text, calls, deltas = event.text, [], []
+                if parser is not None:  # tags never reach the text; a call as it is written, and once it is whole
+                    complete = parser.complete
+                    text, deltas = parser.feed(text)
+                    text += parser.finish() if event.finish_reason is not None else ""
+                    calls = parser.calls[complete:parser.complete]
+                out = pb.GenerateStreamResponse(request_id=request_id, text=text, token_ids=event.token_ids,
+                                                logprobs=self._logprobs(event.logprobs),
+                                                prompt_logprobs=self._logprobs(event.prompt_logprobs or []),
+                                                tool_calls=[_call(c) for c in calls],
+                                                tool_call_deltas=[pb.ToolCallDelta(index=d.index, id=d.id,
+                                                                                   name=d.name, arguments=d.arguments)
+                                                                  for d in deltas])
+                if event.finish_reason is not None:
+                    out.final.CopyFrom(self._final(admitted, event, began, bool(parser and parser.calls)))
+                yield out
 
     @unary_errors
     async def Generate(self, request, context):
@@ -314,11 +320,12 @@ class GenerationService(pb_grpc.GenerationServicer):
         admitted, tools = await self._admit(request, context)
         out = pb.GenerateResponse(request_id=request.request_id or uuid.uuid4().hex)
         text, last = [], None
-        async for last in self._events(admitted, context):
-            text.append(last.text)
-            out.token_ids.extend(last.token_ids)
-            out.logprobs.extend(self._logprobs(last.logprobs))
-            out.prompt_logprobs.extend(self._logprobs(last.prompt_logprobs or []))
+        async with aclosing(self._events(admitted, context)) as events:
+            async for last in events:
+                text.append(last.text)
+                out.token_ids.extend(last.token_ids)
+                out.logprobs.extend(self._logprobs(last.logprobs))
+                out.prompt_logprobs.extend(self._logprobs(last.prompt_logprobs or []))
         out.text, calls = (tool_calls.parse("".join(text), tools.names, tools.max_calls) if tools.parse
                            else ("".join(text), []))
         out.tool_calls.extend(_call(c) for c in calls)
