@@ -396,19 +396,20 @@ class OpenAIApi:
         async def stream():
             offsets = {c.index: 0 for c in choices}
             echoed: set[int] = set()
-            async for c, event in self._events(choices):
-                text, rows, ids = event.text, event.logprobs, event.token_ids
-                lp = None
-                if c.echo is not None and c.index not in echoed:
-                    echoed.add(c.index)
-                    lp = logprobs(c, rows, ids, 0)
-                    text = c.echo + text
-                elif body.logprobs is not None:
-                    lp = self._completion_logprobs(rows, ids, offsets[c.index])
-                offsets[c.index] += len(text)
-                finish = c.finish_reason if event.finish_reason is not None else None
-                if text or finish or lp is not None and lp.tokens:
-                    yield chunk([CompletionChoice(index=c.index, text=text, logprobs=lp, finish_reason=finish)])
+            async with contextlib.aclosing(self._events(choices)) as events:
+                async for c, event in events:
+                    text, rows, ids = event.text, event.logprobs, event.token_ids
+                    lp = None
+                    if c.echo is not None and c.index not in echoed:
+                        echoed.add(c.index)
+                        lp = logprobs(c, rows, ids, 0)
+                        text = c.echo + text
+                    elif body.logprobs is not None:
+                        lp = self._completion_logprobs(rows, ids, offsets[c.index])
+                    offsets[c.index] += len(text)
+                    finish = c.finish_reason if event.finish_reason is not None else None
+                    if text or finish or lp is not None and lp.tokens:
+                        yield chunk([CompletionChoice(index=c.index, text=text, logprobs=lp, finish_reason=finish)])
             if body.stream_options and body.stream_options.include_usage:
                 yield chunk([], self._usage(choices, prompts))
 
@@ -421,8 +422,9 @@ class OpenAIApi:
     def _sse(self, chunks: AsyncIterator[str]) -> StreamingResponse:
         async def frames():
             try:
-                async for data in chunks:
-                    yield f"data: {data}\n\n"
+                async with contextlib.aclosing(chunks):  # a client gone mid-stream cancels its choices now, not at GC
+                    async for data in chunks:
+                        yield f"data: {data}\n\n"
             except ApiError as e:  # the engine failed mid-stream: the status line is sent already
                 yield f"data: {e.response().body.decode()}\n\n"
             except Exception as e:
@@ -485,23 +487,24 @@ class OpenAIApi:
                        if tools.parse else {})
             for c in choices:  # the first chunk of each choice carries the role
                 yield chunk([ChatChunkChoice(index=c.index, delta=Delta(role="assistant", content=""))])
-            async for c, event in self._events(choices):
-                lp = self._chat_logprobs(event.logprobs) if body.logprobs else None
-                finish = c.finish_reason if event.finish_reason is not None else None
-                text, parser = event.text, parsers.get(c.index)
-                if parser is not None:  # tags never reach the content; a call: its name, then argument fragments
-                    text, deltas = parser.feed(text)
-                    text += parser.finish() if finish else ""
-                    if finish == "stop" and parser.calls:
-                        finish = "tool_calls"
-                    if deltas:
-                        yield chunk([ChatChunkChoice(index=c.index, delta=Delta(tool_calls=[
-                            ToolCallDelta(index=d.index, id=d.id, type="function" if d.id else None,
-                                          function=FunctionCall(name=d.name, arguments=d.arguments))
-                            for d in deltas]))])
-                if text or finish or lp is not None and lp.content:
-                    yield chunk([ChatChunkChoice(index=c.index, delta=Delta(content=text or None), logprobs=lp,
-                                                 finish_reason=finish)])
+            async with contextlib.aclosing(self._events(choices)) as events:
+                async for c, event in events:
+                    lp = self._chat_logprobs(event.logprobs) if body.logprobs else None
+                    finish = c.finish_reason if event.finish_reason is not None else None
+                    text, parser = event.text, parsers.get(c.index)
+                    if parser is not None:  # tags never reach the content; a call: its name, then argument fragments
+                        text, deltas = parser.feed(text)
+                        text += parser.finish() if finish else ""
+                        if finish == "stop" and parser.calls:
+                            finish = "tool_calls"
+                        if deltas:
+                            yield chunk([ChatChunkChoice(index=c.index, delta=Delta(tool_calls=[
+                                ToolCallDelta(index=d.index, id=d.id, type="function" if d.id else None,
+                                              function=FunctionCall(name=d.name, arguments=d.arguments))
+                                for d in deltas]))])
+                    if text or finish or lp is not None and lp.content:
+                        yield chunk([ChatChunkChoice(index=c.index, delta=Delta(content=text or None), logprobs=lp,
+                                                     finish_reason=finish)])
             if body.stream_options and body.stream_options.include_usage:
                 yield chunk([], self._usage(choices, prompts))
 
